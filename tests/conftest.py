@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random Llama (fast, for unit tests) and the real default model (end to end)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acttail_core.models import LoadedModel, from_module
+
+
+def byte_tokenizer():
+    """A tiny offline byte-level tokenizer (256 byte tokens + 3 specials), so unit tests need no downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for bytes
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab.update({"<s>": 256, "</s>": 257, "<unk>": 258})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), pre_tokenizers.Split("", "isolated")]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_loaded() -> LoadedModel:
+    return from_module(make_tiny_llama(), byte_tokenizer(), name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_loaded() -> LoadedModel:
+    """The real default model (SmolLM2-135M), from the cache that scripts/setup.sh warms."""
+    from acttail_core.models import load_model
+
+    return load_model("default")
