@@ -453,6 +453,47 @@ def finite_alpha(values: np.ndarray) -> np.ndarray:
     return np.where(finite, values, float(np.median(values[finite])))
 
 
+
+# --------------------------------------------------------------------------- plotting support
+
+
+def esd_density(spectrum: ProjectionSpectrum, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of one ESD as a probability density on log-spaced bins: ``(bin_edges, density)``.
+
+    Only eigenvalues above ``EVALS_THRESH`` count (the ones the fit saw), so the
+    density integrates to 1 over them and ``tail_density`` can be drawn over it.
+    """
+    eigs = np.asarray(spectrum.eigenvalues, dtype=np.float64)
+    eigs = eigs[eigs > EVALS_THRESH]
+    if eigs.size == 0:
+        return np.array([EVALS_THRESH, 1.0]), np.zeros(1)
+    low, high = float(eigs.min()), float(eigs.max())
+    if high <= low:
+        high = low * 1.01
+    edges = np.logspace(np.log10(low), np.log10(high), bins + 1)
+    counts, edges = np.histogram(eigs, bins=edges)
+    density = counts / (eigs.size * np.diff(edges))
+    return edges, density
+
+
+def tail_density(spectrum: ProjectionSpectrum, points: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted power-law tail as a density over the whole ESD: ``(lambda, p(lambda))``.
+
+    ``p(lambda) = (n_tail / n) * (alpha - 1) / xmin * (lambda / xmin) ** -alpha`` for
+    ``xmin <= lambda <= lambda_max``: the tail's share of the eigenvalues times the
+    normalised power law, so it sits on the same scale as ``esd_density``.
+    Empty arrays when the fit is degenerate (alpha or xmin not finite).
+    """
+    alpha, xmin = spectrum.alpha, spectrum.xmin
+    if not (np.isfinite(alpha) and np.isfinite(xmin) and xmin > 0 and alpha > 1):
+        return np.array([]), np.array([])
+    eigs = np.asarray(spectrum.eigenvalues, dtype=np.float64)
+    fitted = int(np.count_nonzero(eigs > EVALS_THRESH))
+    share = spectrum.tail_size / fitted if fitted else 0.0
+    lambdas = np.logspace(np.log10(xmin), np.log10(max(spectrum.lambda_max, xmin * 1.0001)), points)
+    return lambdas, share * (alpha - 1) / xmin * (lambdas / xmin) ** (-alpha)
+
+
 __all__ = [
     "XMIN_RULES",
     "BACKENDS",
@@ -467,4 +508,6 @@ __all__ = [
     "load_spectra",
     "check_spectra_match",
     "finite_alpha",
+    "esd_density",
+    "tail_density",
 ]
