@@ -173,7 +173,7 @@ def allocate_sparsities(
     check_target(sparsity, settings)
     params = np.array([p.params for p in projections], dtype=np.float64)
     n = len(projections)
-    if settings.method == "uniform" or sparsity == 0:
+    if settings.method == "uniform" or sparsity == 0 or (settings.method == "linear" and settings.eps == 0):
         return np.full(n, float(sparsity))
     score = scores(alphas, projections, settings.group, settings.direction)
     if settings.method == "acttail":

@@ -138,10 +138,12 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
 
 
 def _allocate_run(args: argparse.Namespace) -> int:
+    from .allocation import check_target
     from .budget import save_budget
 
     if args.sparsity is None:
         raise ActTailError("--sparsity is required (a number in [0, 0.95])")
+    check_target(args.sparsity, settings_from_args(args))  # fail before the slow model load
     loaded = load_from_args(args)
     budget = build_budget(args, loaded, args.sparsity)
     print_table(

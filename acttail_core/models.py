@@ -266,6 +266,23 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
     raise ModelLoadError(f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint resolves and accepts a connection (False when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_model(
     ref: str = DEFAULT_MODEL,
     dtype: str = "auto",
@@ -285,6 +302,9 @@ def load_model(
     if device == "auto":
         kwargs["device_map"] = "auto"
     report(progress, 0, 1, f"loading {ref}")
+    if not is_local and not _hub_reachable():
+        # Only a local HF cache can serve it; without this check huggingface_hub retries for ~25 s.
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

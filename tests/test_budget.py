@@ -1,0 +1,108 @@
+"""Budget JSON: schema, every validation error, model matching, lossless round trip."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from acttail_core.allocation import AllocationSettings, allocate_sparsities
+from acttail_core.budget import keep_count, load_budget, make_budget, save_budget
+from acttail_core.errors import BudgetError
+from acttail_core.projections import find_projections
+
+
+@pytest.fixture
+def tiny_budget(tiny_loaded):
+    projections = find_projections(tiny_loaded.model)
+    alphas = np.linspace(2, 6, len(projections))
+    sparsities = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(temperature=1.0))
+    return make_budget(projections, sparsities, model_name="tiny", model_fingerprint=tiny_loaded.fingerprint,
+                       method="acttail", target_sparsity=0.6, alphas=alphas, temperature=1.0,
+                       direction="keep-light", group="projection", xmin_rule="ks")
+
+
+def test_header_and_body_fields(tiny_budget) -> None:
+    data = json.loads(tiny_budget.to_json())
+    for field in ("schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature", "eps",
+                  "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at"):
+        assert field in data
+    assert data["weighting"] == "params"
+    entry = data["projections"][0]
+    assert {"name", "layer", "type", "in_features", "params", "alpha", "sparsity", "keep"} <= set(entry)
+    assert entry["keep"] == keep_count(entry["sparsity"], entry["in_features"])
+    assert abs(data["effective_sparsity"] - 0.6) < 1e-9
+
+
+def test_save_load_identical(tiny_budget, tiny_loaded, tmp_path) -> None:
+    path = save_budget(tiny_budget, tmp_path / "b.json")
+    again = load_budget(path, find_projections(tiny_loaded.model), tiny_loaded.fingerprint)
+    assert again == tiny_budget
+    assert load_budget(path.read_bytes()) == tiny_budget
+
+
+def test_keep_rounds_half_up() -> None:
+    assert keep_count(0.5, 5) == 3 and keep_count(0.5, 4) == 2 and keep_count(0.0, 7) == 7
+
+
+def mutate(budget, change):
+    data = json.loads(budget.to_json())
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(schema_version=99), "schema_version: .*unsupported schema_version 99"),
+        (lambda d: d.pop("model_fingerprint"), "model_fingerprint: missing field"),
+        (lambda d: d["projections"][2].pop("keep"), r"projections.2.keep: missing field"),
+        (lambda d: d["projections"][1].update(sparsity=1.0), r"projections.1.sparsity: .*less than 1"),
+        (lambda d: d["projections"][1].update(sparsity=-0.1), r"projections.1.sparsity: .*greater than or equal to 0"),
+        (lambda d: d["projections"][0].update(sparsity=float("nan")), r"projections.0.sparsity"),
+        (lambda d: d["projections"][1].update(name=d["projections"][0]["name"]), "duplicate projection name"),
+        (lambda d: d["projections"][0].update(keep=1), r"projections.0: keep must be"),
+        (lambda d: d.update(method="magic"), "method: unknown method"),
+        (lambda d: d.update(direction="sideways"), "direction"),
+        (lambda d: d.update(effective_sparsity=0.1), "effective_sparsity 0.1 does not match"),
+        (lambda d: d.update(surprise=1), "surprise: unknown field"),
+    ],
+)
+def test_validation_errors_name_the_field(tiny_budget, change, message) -> None:
+    with pytest.raises(BudgetError, match=message):
+        load_budget(mutate(tiny_budget, change))
+
+
+def test_nan_in_a_file_is_rejected(tiny_budget, tmp_path) -> None:
+    text = tiny_budget.to_json().replace('"alpha": 2.0', '"alpha": NaN', 1)
+    path = tmp_path / "nan.json"
+    path.write_text(text)
+    with pytest.raises(BudgetError, match="alpha"):
+        load_budget(path)
+
+
+def test_file_errors(tmp_path) -> None:
+    with pytest.raises(BudgetError, match="not found"):
+        load_budget(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(BudgetError, match="not valid JSON"):
+        load_budget(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(BudgetError, match="JSON object"):
+        load_budget(bad)
+
+
+def test_budget_for_another_model_is_rejected(tiny_budget) -> None:
+    from tests.conftest import make_tiny_llama
+
+    bigger = find_projections(make_tiny_llama(layers=3))
+    with pytest.raises(BudgetError, match="missing"):
+        load_budget(json.loads(tiny_budget.to_json()), bigger)
+    wider = find_projections(make_tiny_llama(hidden=96))
+    with pytest.raises(BudgetError, match="in the budget but"):
+        load_budget(json.loads(tiny_budget.to_json()), wider)
+    data = json.loads(tiny_budget.to_json())
+    data["projections"][0]["name"] = "model.layers.0.self_attn.x_proj"
+    with pytest.raises(BudgetError, match="missing|not a projection"):
+        load_budget(data, find_projections(make_tiny_llama()))

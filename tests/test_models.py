@@ -1,0 +1,95 @@
+"""Model references: packaged GGUF -> safetensors cache, local dirs, safety checks, clear errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from acttail_core.errors import ActTailError, ModelLoadError
+from acttail_core.models import convert_gguf, default_model_gguf, load_model, model_fingerprint
+from acttail_core.projections import PROJECTION_TYPES, find_projections
+from tests.conftest import make_tiny_llama
+
+
+def test_default_model_projections(default_loaded) -> None:
+    projections = find_projections(default_loaded.model)
+    assert len(projections) == 30 * 7
+    assert [p.type for p in projections[:7]] == list(PROJECTION_TYPES)
+    down = projections[6]
+    assert down.name == "model.layers.0.mlp.down_proj" and down.shape == (576, 1536) and down.params == 576 * 1536
+    summary = default_loaded.summary()
+    assert summary["architecture"] == "LlamaForCausalLM" and summary["layers"] == 30
+
+
+def test_gguf_converted_once_then_fast(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    gguf = default_model_gguf()
+    target = convert_gguf(gguf, "smollm2")
+    assert (target / "model.safetensors").exists() and (target / "acttail_complete.json").exists()
+    assert not list(target.parent.glob("*.tmp-*")), "temporary conversion directory left behind"
+    start = time.perf_counter()
+    assert convert_gguf(gguf, "smollm2") == target
+    assert time.perf_counter() - start < 1.0
+    loaded = load_model(str(gguf))  # a .gguf path goes through the same cache
+    assert len(find_projections(loaded.model)) == 210
+
+
+def test_local_directory_and_fingerprint(tmp_path) -> None:
+    model = make_tiny_llama(seed=1)
+    model.save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    from tests.conftest import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "tiny")
+    loaded = load_model(str(tmp_path / "tiny"), dtype="float32")
+    assert loaded.fingerprint == model_fingerprint(model)
+    assert loaded.fingerprint != model_fingerprint(make_tiny_llama(seed=2))
+    half = load_model(str(tmp_path / "tiny"), dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+
+
+def test_pickled_weights_are_refused(tmp_path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ModelLoadError, match="pickled weights"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    "ref, kwargs, message",
+    [
+        ("/no/such/model", {}, "not found"),
+        ("missing.gguf", {}, "GGUF file not found"),
+        ("default", {"dtype": "int3"}, "unknown dtype"),
+        ("default", {"device": "tpu"}, "unknown device"),
+    ],
+)
+def test_bad_references(ref, kwargs, message) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(ref, **kwargs)
+
+
+def test_directory_without_config(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu() -> None:
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_model("default", device="cuda")
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="hub ids need network access"):
+        load_model("nobody/no-such-model")
+    assert time.perf_counter() - start < 30
+
+
+def test_model_without_decoder_layers() -> None:
+    with pytest.raises(ActTailError, match="no decoder layers"):
+        find_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
