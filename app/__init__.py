@@ -1,0 +1,1 @@
+"""ActTail Explorer dashboard (Streamlit). Run with ``streamlit run app/main.py``."""

@@ -1,0 +1,331 @@
+"""Plotly figure builders: pure functions from engine objects to figures.
+
+No Streamlit here, so every figure can be unit-tested and reused (e.g. in a
+notebook). The colour scales are fixed across the app: one for alpha, one for
+sparsity, each with a colour bar, so two heatmaps can be compared by eye.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from acttail_core.budget import Budget
+from acttail_core.projections import PROJECTION_TYPES
+from acttail_core.spectra import ProjectionSpectrum, Spectra, esd_density, tail_density
+
+ALPHA_COLORSCALE = "Viridis"
+SPARSITY_COLORSCALE = "Magma"
+SPARSITY_RANGE = (0.0, 1.0)
+# One colour per compared method, the same on every chart.
+METHOD_COLORS = {
+    "dense": "#7f7f7f",
+    "uniform": "#1f77b4",
+    "acttail": "#d62728",
+    "linear": "#ff7f0e",
+    "greedy": "#2ca02c",
+    "budget": "#d62728",
+}
+TYPE_COLOR = "#4c78a8"
+
+# What the modebar's camera button saves: a 2x PNG named after the chart.
+def plotly_config(filename: str) -> dict:
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "png", "filename": filename, "scale": 2},
+    }
+
+
+def ordered_types(types: Iterable[str]) -> list[str]:
+    """Projection types in canonical order (q, k, v, o, gate, up, down), unknown types after."""
+    present = list(dict.fromkeys(types))
+    known = [t for t in PROJECTION_TYPES if t in present]
+    return known + [t for t in present if t not in PROJECTION_TYPES]
+
+
+def alpha_color_range(spectra: Spectra) -> tuple[float, float]:
+    """2nd to 98th percentile of the finite alphas: a few spurious fits (alpha > 10) must not wash out the rest."""
+    alphas = spectra.alphas()
+    finite = alphas[np.isfinite(alphas)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    low, high = np.percentile(finite, [2, 98])
+    if high - low < 1e-9:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def _grid(frame: pd.DataFrame, value: str) -> tuple[list[int], list[str], np.ndarray]:
+    layers = sorted(frame["layer"].unique().tolist())
+    types = ordered_types(frame["type"])
+    table = frame.pivot_table(index="layer", columns="type", values=value, aggfunc="first")
+    table = table.reindex(index=layers, columns=types)
+    return layers, types, table.to_numpy(dtype=np.float64)
+
+
+def _custom(frame: pd.DataFrame, layers: list[int], types: list[str], columns: Sequence[str]) -> np.ndarray:
+    """Per-cell hover data (layers x types x columns), as strings so missing cells show blank."""
+    lookup = {(row.layer, row.type): row for row in frame.itertuples(index=False)}
+    out = np.empty((len(layers), len(types), len(columns)), dtype=object)
+    for i, layer in enumerate(layers):
+        for j, proj_type in enumerate(types):
+            row = lookup.get((layer, proj_type))
+            for k, column in enumerate(columns):
+                out[i, j, k] = "" if row is None else getattr(row, column)
+    return out
+
+
+def _heatmap_layout(fig: go.Figure, title: str, layers: list[int], height: Optional[int] = None) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left"),
+        height=height or max(360, 16 * len(layers) + 140),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
+    fig.update_xaxes(title_text="projection type", side="top", type="category")
+    fig.update_yaxes(title_text="layer", autorange="reversed", type="category", dtick=1 if len(layers) <= 40 else None)
+    return fig
+
+
+def alpha_heatmap(spectra: Spectra) -> go.Figure:
+    """alpha per projection: layers as rows, projection types as columns."""
+    frame = spectra.to_frame()
+    frame["shape"] = frame["out_features"].astype(str) + " x " + frame["in_features"].astype(str)
+    frame["alpha_text"] = frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit")
+    frame["xmin_text"] = frame["xmin"].map(lambda v: f"{v:.4g}")
+    frame["ks_text"] = frame["ks_distance"].map(lambda v: f"{v:.4f}")
+    layers, types, alpha = _grid(frame, "alpha")
+    custom = _custom(frame, layers, types, ["alpha_text", "xmin_text", "ks_text", "shape", "tail_size", "name"])
+    zmin, zmax = alpha_color_range(spectra)
+    fig = go.Figure(
+        go.Heatmap(
+            z=alpha,
+            x=types,
+            y=[str(layer) for layer in layers],
+            customdata=custom,
+            colorscale=ALPHA_COLORSCALE,
+            zmin=zmin,
+            zmax=zmax,
+            colorbar=dict(title=dict(text="alpha"), thickness=14),
+            hovertemplate=(
+                "layer %{y} · %{x}<br>alpha = %{customdata[0]}<br>xmin = %{customdata[1]}"
+                "<br>KS distance D = %{customdata[2]}<br>shape %{customdata[3]} · tail %{customdata[4]} eigenvalues"
+                "<extra>%{customdata[5]}</extra>"
+            ),
+            xgap=1,
+            ygap=1,
+        )
+    )
+    return _heatmap_layout(fig, f"Heavy-tail exponent alpha ({spectra.rule} rule; colours clipped to the 2nd-98th percentile)", layers)
+
+
+def sparsity_heatmap(budget: Budget, title: str, height: Optional[int] = None) -> go.Figure:
+    """Per-projection sparsity on the fixed 0..1 sparsity scale."""
+    frame = budget.to_frame()
+    frame["alpha_text"] = frame["alpha"].map(lambda a: "-" if a is None or not np.isfinite(a) else f"{a:.3f}")
+    frame["sparsity_text"] = frame["sparsity"].map(lambda s: f"{s:.3f}")
+    layers, types, sparsity = _grid(frame, "sparsity")
+    custom = _custom(frame, layers, types, ["sparsity_text", "keep", "in_features", "alpha_text", "name"])
+    fig = go.Figure(
+        go.Heatmap(
+            z=sparsity,
+            x=types,
+            y=[str(layer) for layer in layers],
+            customdata=custom,
+            colorscale=SPARSITY_COLORSCALE,
+            zmin=SPARSITY_RANGE[0],
+            zmax=SPARSITY_RANGE[1],
+            colorbar=dict(title=dict(text="sparsity"), thickness=14),
+            hovertemplate=(
+                "layer %{y} · %{x}<br>sparsity = %{customdata[0]}<br>keeps %{customdata[1]} of %{customdata[2]} inputs"
+                "<br>alpha = %{customdata[3]}<extra>%{customdata[4]}</extra>"
+            ),
+            xgap=1,
+            ygap=1,
+        )
+    )
+    return _heatmap_layout(fig, title, layers, height)
+
+
+def esd_figure(spectrum: ProjectionSpectrum) -> go.Figure:
+    """Log-log histogram of one projection's eigenvalues with the fitted power-law tail and xmin."""
+    edges, density = esd_density(spectrum)
+    positive = density > 0
+    # Step outline of the histogram; empty bins are left out (log axis).
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=np.sqrt(edges[:-1] * edges[1:])[positive],
+            y=density[positive],
+            width=np.diff(edges)[positive],
+            name="ESD (density)",
+            marker=dict(color="#9ecae1", line=dict(color="#3182bd", width=0.5)),
+            hovertemplate="lambda ~ %{x:.4g}<br>density %{y:.3g}<extra></extra>",
+        )
+    )
+    lambdas, fitted = tail_density(spectrum)
+    if lambdas.size:
+        fig.add_trace(
+            go.Scatter(
+                x=lambdas,
+                y=fitted,
+                mode="lines",
+                name=f"power-law fit, alpha = {spectrum.alpha:.2f}",
+                line=dict(color="#d62728", width=2.5),
+                hovertemplate="lambda %{x:.4g}<br>fit %{y:.3g}<extra></extra>",
+            )
+        )
+        low = float(density[positive].min()) if positive.any() else 1e-6
+        high = float(max(density.max(), fitted.max()))
+        fig.add_trace(
+            go.Scatter(
+                x=[spectrum.xmin, spectrum.xmin],
+                y=[low, high],
+                mode="lines",
+                name=f"xmin = {spectrum.xmin:.4g}",
+                line=dict(color="#2ca02c", width=2, dash="dash"),
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title=dict(
+            text=f"ESD of {spectrum.name}<br><sup>{spectrum.out_features} x {spectrum.in_features}, "
+            f"{spectrum.num_eigs} eigenvalues, tail {spectrum.tail_size}, KS distance D = {spectrum.ks_distance:.4f}</sup>",
+            x=0.0,
+            xanchor="left",
+        ),
+        barmode="overlay",
+        bargap=0,
+        height=420,
+        margin=dict(l=10, r=10, t=70, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=-0.3, x=0),
+    )
+    fig.update_xaxes(type="log", title_text="eigenvalue lambda of W^T W")
+    fig.update_yaxes(type="log", title_text="density")
+    return fig
+
+
+def alpha_by_type(spectra: Spectra) -> go.Figure:
+    """Box plot with every projection as a point: how alpha differs between types and layers."""
+    frame = spectra.to_frame()
+    frame = frame[np.isfinite(frame["alpha"])]
+    fig = go.Figure()
+    for proj_type in ordered_types(frame["type"]):
+        part = frame[frame["type"] == proj_type]
+        fig.add_trace(
+            go.Box(
+                y=part["alpha"],
+                name=proj_type,
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
+                marker=dict(color=TYPE_COLOR, size=5, opacity=0.7),
+                line=dict(color="#333333", width=1),
+                fillcolor="rgba(76,120,168,0.15)",
+                customdata=part[["layer"]].to_numpy(),
+                hovertemplate=f"{proj_type}, layer %{{customdata[0]}}<br>alpha %{{y:.3f}}<extra></extra>",
+                showlegend=False,
+            )
+        )
+    fig.update_layout(title=dict(text="alpha per projection type (one point per layer)", x=0.0), height=380, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_yaxes(type="log", title_text="alpha (log scale)")
+    fig.update_xaxes(title_text="projection type")
+    return fig
+
+
+def mean_sparsity_by_type(budgets: dict[str, Budget]) -> go.Figure:
+    """Grouped bars: mean sparsity per projection type for each named budget."""
+    fig = go.Figure()
+    for label, budget in budgets.items():
+        frame = budget.to_frame()
+        types = ordered_types(frame["type"])
+        means = frame.groupby("type")["sparsity"].mean().reindex(types)
+        fig.add_trace(
+            go.Bar(
+                x=types,
+                y=means.to_numpy(),
+                name=label,
+                marker_color=METHOD_COLORS.get(label.split(" ")[0], None),
+                hovertemplate=f"{label}<br>%{{x}}: mean sparsity %{{y:.3f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=dict(text="Mean sparsity per projection type", x=0.0),
+        barmode="group",
+        height=340,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"),
+    )
+    fig.update_yaxes(range=list(SPARSITY_RANGE), title_text="sparsity")
+    fig.update_xaxes(title_text="projection type")
+    return fig
+
+
+def _label_color(label: str) -> Optional[str]:
+    return METHOD_COLORS.get(str(label).split(" ")[0])
+
+
+def perplexity_chart(rows: pd.DataFrame) -> go.Figure:
+    """Perplexity of each method of one evaluation run (lower is better)."""
+    fig = go.Figure(
+        go.Bar(
+            x=rows["label"],
+            y=rows["ppl"],
+            marker_color=[_label_color(m) or TYPE_COLOR for m in rows["method"]],
+            text=[f"{p:.2f}" for p in rows["ppl"]],
+            textposition="outside",
+            hovertemplate="%{x}<br>perplexity %{y:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=dict(text="Perplexity (lower is better)", x=0.0), height=340, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_yaxes(title_text="perplexity", rangemode="tozero")
+    return fig
+
+
+def throughput_chart(rows: pd.DataFrame) -> go.Figure:
+    """Prefill and decode tokens/s for each method of one throughput run."""
+    fig = go.Figure()
+    for column, name, color in (
+        ("prefill_tokens_per_s", "prefill", "#6baed6"),
+        ("decode_tokens_per_s", "decode", "#08519c"),
+    ):
+        fig.add_trace(
+            go.Bar(x=rows["label"], y=rows[column], name=name, marker_color=color, hovertemplate=f"%{{x}}<br>{name} %{{y:.1f}} tokens/s<extra></extra>")
+        )
+    fig.update_layout(
+        title=dict(text="Throughput (tokens/s, higher is better)", x=0.0),
+        barmode="group",
+        height=340,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"),
+    )
+    fig.update_yaxes(title_text="tokens/s", type="log")
+    return fig
+
+
+def history_chart(history: pd.DataFrame) -> go.Figure:
+    """Perplexity of every method across the session's runs, to compare allocations."""
+    fig = go.Figure()
+    ppl = history[history["kind"] == "perplexity"]
+    for label, part in ppl.groupby("label", sort=False):
+        fig.add_trace(
+            go.Scatter(
+                x=part["run"],
+                y=part["ppl"],
+                mode="markers+lines",
+                name=str(label),
+                marker=dict(size=9, color=_label_color(part["method"].iloc[0])),
+                customdata=part[["target_sparsity", "corpus", "tokens"]].to_numpy(),
+                hovertemplate="run %{x}<br>%{fullData.name}<br>ppl %{y:.3f}<br>target %{customdata[0]} · %{customdata[1]} · %{customdata[2]} tokens<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=dict(text="Run history: perplexity per run", x=0.0),
+        height=340,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="v"),
+    )
+    fig.update_xaxes(title_text="run", dtick=1)
+    fig.update_yaxes(title_text="perplexity", type="log")
+    return fig

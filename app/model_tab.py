@@ -1,0 +1,24 @@
+"""The Model tab: what was loaded, where it runs, and which projections ActTail will sparsify."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import AppContext, projection_table
+
+
+def render(ctx: AppContext) -> None:
+    summary = ctx.loaded.summary()
+    st.subheader(f"Model: {summary['name']}")
+    columns = st.columns(6)
+    columns[0].metric("Architecture", summary["architecture"], help=f"model_type = {summary['model_type']}")
+    columns[1].metric("Layers", summary["layers"], help="decoder layers")
+    columns[2].metric("Projections", len(ctx.projections), help="linear layers whose inputs are sparsified (7 per layer for Llama-like models)")
+    columns[3].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M", help=f"{summary['parameters']:,} parameters in total")
+    columns[4].metric("Device", summary["device"], help="where the weights live; choose it in the sidebar")
+    columns[5].metric("dtype", summary["dtype"])
+    st.caption(
+        f"Source: `{ctx.loaded.source}` · weight fingerprint `{summary['fingerprint']}` "
+        "(budget files remember it, so a budget made for other weights is flagged)"
+    )
+    st.markdown("**Projections** (their inputs are what ActTail sparsifies):")
+    st.dataframe(projection_table(ctx.projections), hide_index=True, width="content")
