@@ -1,0 +1,241 @@
+"""CLI commands ``eval``, ``bench`` and ``prepare`` (registered with ``acttail_core.cli``).
+
+    python -m acttail_core eval --model default --sparsity 0.7 --corpus demo --max-tokens 8192
+    python -m acttail_core eval --model default --budget budget.json --uniform --corpus wikitext2
+    python -m acttail_core bench --model default --sparsity 0.5 --device cuda
+    python -m acttail_core prepare
+
+Arguments are checked before the model is loaded so that a bad number fails in
+a second; results are written only after every run finished (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .cli import add_allocation_arguments, add_model_arguments, build_budget, load_from_args, print_table, register, settings_from_args
+from .errors import ActTailError
+
+PPL_CONVENTION = "SparseGPT/Wanda: non-overlapping chunks, ppl = exp(mean token NLL)"
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    from .sparsify import SPARSITY_MODES
+
+    add_model_arguments(parser)
+    add_allocation_arguments(parser)
+    parser.add_argument("--budget", default=None, help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
+    parser.add_argument("--spectra", default=None, help="spectra JSON to allocate from instead of computing it")
+    parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES, help="topk (ActTail) or threshold (TEAL-style, calibrated)")
+    parser.add_argument("--calib-corpus", default=None, help="threshold mode: calibration text (default: the corpus's own calibration file)")
+    parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="include the dense model")
+    parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True, help="include uniform at the budget's effective sparsity")
+    parser.add_argument("--out", default=None, help="write the results to this JSON file")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading the model."""
+    from .allocation import check_target
+    from .models import check_device
+
+    check_device(args.device)
+    if (args.sparsity is None) == (args.budget is None):
+        raise ActTailError("give exactly one of --sparsity S or --budget FILE")
+    if args.sparsity is not None:
+        check_target(args.sparsity, settings_from_args(args))
+    elif not Path(args.budget).is_file():
+        raise ActTailError(f"budget file not found: {args.budget}")
+
+
+def _budget(args: argparse.Namespace, loaded):
+    from .budget import load_budget
+    from .projections import find_projections
+
+    if args.budget:
+        return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint)
+    return build_budget(args, loaded, args.sparsity)
+
+
+def _write_json(path: str, data: dict) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, target)
+    return target
+
+
+def _config(args: argparse.Namespace, loaded, budget, **extra) -> dict:
+    return {
+        "model": args.model,
+        "fingerprint": loaded.fingerprint,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": loaded.device,
+        "mode": args.mode,
+        "budget_file": args.budget,
+        "method": budget.method,
+        "target_sparsity": budget.target_sparsity,
+        "effective_sparsity": budget.effective_sparsity,
+        "tool_version": __version__,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _common_arguments(parser)
+    parser.add_argument("--corpus", default="demo", help="demo | demo:NAME | wikitext2 | path to a text file")
+    parser.add_argument("--seqlen", type=int, default=None, help="tokens per chunk (default: min(2048, model context))")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (quick checks)")
+    parser.add_argument("--batch-size", type=int, default=None, help="chunks per forward (default: 1 on CPU, as many as fit on CUDA)")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from .corpora import default_calibration_corpus, load_text, same_text
+    from .evaluate import compare
+    from .progress import TqdmProgress
+
+    _check_common(args)
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ActTailError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.max_tokens is not None and args.seqlen is not None and args.max_tokens < args.seqlen:
+        raise ActTailError(f"--max-tokens {args.max_tokens} is smaller than one chunk of --seqlen {args.seqlen} tokens")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ActTailError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ActTailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    load_text(args.corpus, "eval")  # fails fast on a missing or empty corpus
+    calib = None
+    if args.mode == "threshold":
+        calib = args.calib_corpus or default_calibration_corpus(args.corpus)
+        if same_text(args.corpus, calib):
+            raise ActTailError(f"--calib-corpus {calib} is the evaluation text; calibrate on a different text")
+        from .corpora import load_calibration_text
+
+        load_calibration_text(calib)
+    loaded = load_from_args(args)
+    budget = _budget(args, loaded)
+    results = compare(
+        loaded,
+        budget,
+        corpus=args.corpus,
+        seqlen=args.seqlen,
+        max_tokens=args.max_tokens,
+        mode=args.mode,
+        include_dense=args.dense,
+        include_uniform=args.uniform,
+        progress=TqdmProgress("eval"),
+        calib_corpus=calib,
+        batch_size=args.batch_size,
+    )
+    import pandas as pd
+
+    frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
+    seqlen = args.seqlen
+    if seqlen is None:
+        from .evaluate import default_seqlen
+
+        seqlen = default_seqlen(loaded)
+    print_table(
+        frame.round({"sparsity": 4, "ppl": 3, "nll": 4, "realized_sparsity": 4, "seconds": 2}),
+        f"{loaded.name} on {args.corpus}: {args.mode} sparsity, {results[-1].tokens} tokens scored in {seqlen}-token chunks "
+        f"({PPL_CONVENTION})",
+    )
+    if args.out:
+        config = _config(args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens)
+        config["ppl_convention"] = PPL_CONVENTION
+        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    _common_arguments(parser)
+    parser.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps (batch 1, KV cache)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from .evaluate import THROUGHPUT_NOTE, _uniform_for, throughput
+    from .progress import TqdmProgress
+
+    _check_common(args)
+    if min(args.prompt_len, args.new_tokens, args.repeats) < 1:
+        raise ActTailError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    loaded = load_from_args(args)
+    budget = _budget(args, loaded)
+    budgets = [None] if args.dense else []
+    if args.uniform and budget.method != "uniform":
+        budgets.append(_uniform_for(loaded, budget))
+    budgets.append(budget)
+    calibration = None
+    if args.mode == "threshold":
+        from .thresholds import calibrate_thresholds
+
+        calibration = calibrate_thresholds(loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"))
+    results = throughput(
+        loaded,
+        budgets,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        mode=args.mode,
+        progress=TqdmProgress("bench"),
+        calibration=calibration,
+    )
+    import pandas as pd
+
+    frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
+    if args.dense:
+        frame["prefill_vs_dense"] = frame["prefill_tokens_per_s"] / frame["prefill_tokens_per_s"].iloc[0]
+        frame["decode_vs_dense"] = frame["decode_tokens_per_s"] / frame["decode_tokens_per_s"].iloc[0]
+    print_table(
+        frame.round(3),
+        f"{loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), batch 1, {args.mode} masking, "
+        f"median of {args.repeats} after a warm-up",
+    )
+    print(f"note: {THROUGHPUT_NOTE}")
+    if args.out:
+        config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+        config["note"] = THROUGHPUT_NOTE
+        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="model to convert and analyse once (default: the packaged SmolLM2)")
+
+
+def _prepare_run(args: argparse.Namespace) -> int:
+    from .corpora import ensure_demo_corpus
+    from .models import cache_root, load_model
+    from .progress import TqdmProgress
+    from .spectra import compute_spectra
+
+    loaded = load_model(args.model, progress=TqdmProgress("model"))
+    print(f"model {loaded.name}: {loaded.source} (fingerprint {loaded.fingerprint})")
+    folder = ensure_demo_corpus(progress=TqdmProgress("demo corpus"))
+    print(f"demo corpus: {folder}")
+    spectra = compute_spectra(loaded, progress=TqdmProgress("spectra"))
+    print(f"spectra: {len(spectra.entries)} projections ({spectra.rule} rule) cached under {cache_root()}")
+    return 0
+
+
+register("eval", "perplexity of dense, uniform and budgeted sparsity", _eval_arguments, _eval_run)
+register("bench", "prefill and decode tokens/s of dense, uniform and budgeted sparsity", _bench_arguments, _bench_run)
+register("prepare", "convert the default model, fetch the demo corpus, cache its spectra (setup)", _prepare_arguments, _prepare_run)

@@ -1,0 +1,219 @@
+"""Evaluation and calibration text (``--corpus``).
+
+A corpus reference is one of
+
+* ``demo`` - public-domain English texts shipped inside the brotli==1.2.1 source
+  distribution on PyPI (its compression test data). Evaluation reads
+  ``alice29.txt``; threshold calibration reads ``asyoulik.txt``, a different
+  file, so thresholds are always checked on held-out text. The sdist is fetched
+  once with ``pip download`` into the cache; the text is never part of this
+  repository.
+* ``demo:NAME`` - one of the four demo files (same text for both roles).
+* ``wikitext2`` - WikiText-2 raw through the ``datasets`` package: the test split
+  for evaluation, the train split for calibration (needs network or the
+  ``datasets`` cache).
+* a path to a local UTF-8 text file (evaluation only: calibration needs another
+  text, see ``default_calibration_corpus``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import CorpusError
+from .models import cache_root
+from .progress import ProgressFn, report
+
+log = logging.getLogger(__name__)
+
+DEMO_FILES = ("alice29", "asyoulik", "lcet10", "plrabn12")
+DEMO_REQUIREMENT = "brotli==1.2.1"
+DEMO_SDIST = "brotli-1.2.1.tar.gz"
+# sha256 of the sdist PyPI serves; checked so a corrupted or substituted download is refused.
+DEMO_SDIST_SHA256 = "02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de"
+DEMO_MEMBER = "brotli-1.2.1/tests/testdata/{name}.txt"
+DEMO_ROLES = {"eval": "alice29", "calibration": "asyoulik"}
+ROLES = ("eval", "calibration")
+PIP_TIMEOUT_S = 300
+
+
+def demo_dir() -> Path:
+    return cache_root() / "corpora" / "brotli-1.2.1"
+
+
+def _demo_complete(folder: Path) -> bool:
+    return all((folder / f"{name}.txt").is_file() for name in DEMO_FILES)
+
+
+def _download_sdist(dest: Path) -> Path:
+    """``pip download`` the brotli sdist into ``dest`` (our own interpreter's pip, no install)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", DEMO_REQUIREMENT, "-d", str(dest)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CorpusError(f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip: {type(exc).__name__}") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
+        why = lines[-1] if lines else f"pip exited with {done.returncode}"
+        raise CorpusError(f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip (needs access to PyPI): {why}")
+    path = dest / DEMO_SDIST
+    if not path.is_file():
+        raise CorpusError(f"pip download did not produce {DEMO_SDIST}")
+    return path
+
+
+def _extract(sdist: Path, folder: Path) -> None:
+    """Copy the four text members out of the tarball (no general extraction: no path tricks)."""
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != DEMO_SDIST_SHA256:
+        raise CorpusError(f"downloaded {DEMO_SDIST} has sha256 {digest[:12]}..., expected {DEMO_SDIST_SHA256[:12]}...; refusing it")
+    try:
+        with tarfile.open(sdist, "r:gz") as archive:
+            for name in DEMO_FILES:
+                member = archive.getmember(DEMO_MEMBER.format(name=name))
+                handle = archive.extractfile(member)
+                if handle is None:
+                    raise CorpusError(f"{member.name} in {DEMO_SDIST} is not a regular file")
+                (folder / f"{name}.txt").write_bytes(handle.read())
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise CorpusError(f"could not read the demo texts from {DEMO_SDIST}: {exc}") from None
+
+
+def ensure_demo_corpus(progress: Optional[ProgressFn] = None) -> Path:
+    """The folder holding the four demo ``.txt`` files, downloading them once.
+
+    Writes into a temporary folder next to the target and renames it when
+    complete, so an interrupted download never leaves a partial corpus.
+    """
+    folder = demo_dir()
+    if _demo_complete(folder):
+        return folder
+    report(progress, 0, 2, f"downloading the demo corpus ({DEMO_REQUIREMENT} sdist from PyPI)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        sdist = _download_sdist(tmp / "download")
+        out = tmp / "texts"
+        out.mkdir()
+        _extract(sdist, out)
+        if folder.exists():
+            shutil.rmtree(folder)
+        out.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(progress, 2, 2, "demo corpus ready")
+    return folder
+
+
+def _wikitext2(role: str) -> str:
+    split = "test" if role == "eval" else "train"
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use --corpus demo)") from None
+    try:
+        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as exc:  # offline, no cache, hub errors: all mean "not available here"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(
+            f"WikiText-2 ({split} split) is not available: needs network access or the `datasets` cache ({first}); "
+            "use --corpus demo or a text file"
+        ) from None
+    return "\n\n".join(data["text"])
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CorpusError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise CorpusError(f"could not read {path}: {exc.strerror or exc}") from None
+
+
+def load_text(corpus: str, role: str = "eval") -> str:
+    """The raw text of a corpus for a role (``eval`` or ``calibration``)."""
+    if role not in ROLES:
+        raise CorpusError(f"unknown corpus role {role!r}; choose eval or calibration")
+    if corpus == "demo" or corpus.startswith("demo:"):
+        name = DEMO_ROLES[role] if corpus == "demo" else corpus.split(":", 1)[1]
+        if name not in DEMO_FILES:
+            raise CorpusError(f"unknown demo text {name!r}; choose one of {', '.join(DEMO_FILES)}")
+        text = _read_file(ensure_demo_corpus() / f"{name}.txt")
+    elif corpus == "wikitext2":
+        text = _wikitext2(role)
+    else:
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"corpus {corpus!r} not found: use demo, demo:NAME, wikitext2 or a path to a text file")
+        if role == "calibration":
+            raise CorpusError(
+                f"{corpus} is the evaluation text; threshold calibration needs a different text: pass --calib-corpus (e.g. demo)"
+            )
+        text = _read_file(path)
+    if not text.strip():
+        raise CorpusError(f"corpus {corpus!r} ({role}) is empty")
+    return text
+
+
+def load_calibration_text(calib_corpus: str) -> str:
+    """Text for threshold calibration from a corpus chosen *for calibration*.
+
+    Unlike ``load_text(path, "calibration")`` a local file is accepted here,
+    because the caller named it as the calibration text (``--calib-corpus``).
+    """
+    if calib_corpus in ("demo", "wikitext2") or calib_corpus.startswith("demo:"):
+        return load_text(calib_corpus, "calibration")
+    return load_text(calib_corpus, "eval")
+
+
+def default_calibration_corpus(corpus: str) -> str:
+    """The calibration corpus to pair with an evaluation corpus: always a different text.
+
+    ``demo`` and ``wikitext2`` calibrate on their own other file/split; ``demo:NAME``
+    calibrates on the demo calibration text (or alice29 when NAME is that text);
+    a local file has no natural partner, so the caller must choose one.
+    """
+    if corpus in ("demo", "wikitext2"):
+        return corpus
+    if corpus.startswith("demo:"):
+        return "demo:alice29" if corpus.split(":", 1)[1] == DEMO_ROLES["calibration"] else "demo"
+    raise CorpusError(f"threshold mode needs calibration text other than {corpus}: pass --calib-corpus (e.g. demo)")
+
+
+def same_text(eval_corpus: str, calib_corpus: str) -> bool:
+    """Whether two corpus references resolve to the same file for their roles."""
+
+    def resolve(corpus: str, role: str) -> str:
+        if corpus == "demo":
+            return "demo:" + DEMO_ROLES[role]
+        if corpus == "wikitext2":
+            return "wikitext2:" + role
+        if corpus.startswith("demo:"):
+            return corpus
+        return str(Path(corpus).expanduser().resolve())
+
+    return resolve(eval_corpus, "eval") == resolve(calib_corpus, "calibration")
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+__all__ = [
+    "DEMO_FILES",
+    "ensure_demo_corpus",
+    "load_text",
+    "load_calibration_text",
+    "default_calibration_corpus",
+    "same_text",
+    "text_digest",
+]

@@ -1,0 +1,337 @@
+"""Stage 5: perplexity and throughput of dense, uniform and budgeted models.
+
+Perplexity follows the SparseGPT/Wanda convention (METHOD.md section 5): the
+text is tokenized once (special tokens only where the tokenizer adds them by
+itself, e.g. Llama-2's BOS), cut into non-overlapping chunks of ``seqlen``
+tokens (the tail that does not fill a chunk is dropped), every chunk is scored
+on its own, and ``ppl = exp(mean NLL over the scored tokens)`` - the same as
+exp of the mean of transformers' ``labels=`` loss over the chunks. Dense,
+uniform and budget runs share the same chunks.
+
+Throughput is measured at batch 1: prefill = one forward over ``prompt_len``
+tokens, decode = greedy steps with the KV cache. A warm-up run is excluded,
+CUDA is synchronised before every clock read, and the median of the repeats is
+reported. See ``THROUGHPUT_NOTE`` for what these numbers can and cannot show.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .budget import Budget
+from .errors import ActTailError, CorpusError
+from .models import LoadedModel
+from .progress import ProgressFn, report
+from .sparsify import ThresholdTable, _check_mode, sparsify
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_SEQLEN = 2048
+MAX_CUDA_BATCH = 16
+THROUGHPUT_NOTE = (
+    "Masking zeroes activations but the dense matmul still reads every weight, so these numbers show the cost of "
+    "masking, not a speedup; speedups appear only with a sparse kernel that skips the weights of zeroed inputs "
+    "(a later issue)."
+)
+
+
+@dataclass
+class PerplexityResult:
+    method: str
+    sparsity: float
+    ppl: float
+    nll: float  # mean NLL per scored token (nats)
+    tokens: int  # tokens scored
+    realized_sparsity: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ThroughputResult:
+    method: str
+    sparsity: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prompt_len: int
+    new_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_max_length(loaded: LoadedModel) -> Optional[int]:
+    cfg = loaded.model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def default_seqlen(loaded: LoadedModel) -> int:
+    """min(2048, the model's context length)."""
+    limit = model_max_length(loaded)
+    return min(MAX_DEFAULT_SEQLEN, limit) if limit else MAX_DEFAULT_SEQLEN
+
+
+def _token_ids(tokenizer, text: str, max_tokens: Optional[int]) -> list[int]:
+    """Token ids of the text; with ``max_tokens`` only a prefix long enough for it is tokenized (large corpora, quick checks)."""
+    if max_tokens is not None:
+        prefix_chars = max(max_tokens * 16, 8192)
+        if prefix_chars < len(text):
+            ids = tokenizer(text[:prefix_chars], verbose=False)["input_ids"]
+            if len(ids) > max_tokens + 64:  # the cut only changes the last few tokens, which are dropped
+                return ids
+    return tokenizer(text, verbose=False)["input_ids"]
+
+
+def tokenize_corpus(loaded: LoadedModel, text: str, seqlen: Optional[int] = None, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Token ids of ``text`` as ``[n_chunks, seqlen]`` (CPU, long), at most ``max_tokens`` tokens in all."""
+    if loaded.tokenizer is None:
+        raise ActTailError(f"model {loaded.name} has no tokenizer")
+    seqlen = seqlen or default_seqlen(loaded)
+    if seqlen < 2:
+        raise CorpusError(f"--seqlen must be at least 2 tokens, got {seqlen}")
+    limit = model_max_length(loaded)
+    if limit and seqlen > limit:
+        raise CorpusError(f"--seqlen {seqlen} exceeds the model's context length {limit}")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise CorpusError(f"--max-tokens {max_tokens} is smaller than one chunk of {seqlen} tokens; raise it or lower --seqlen")
+    if not text.strip():
+        raise CorpusError("the corpus is empty")
+    ids = _token_ids(loaded.tokenizer, text, max_tokens)
+    n_chunks = len(ids) // seqlen
+    if max_tokens is not None:
+        n_chunks = min(n_chunks, max_tokens // seqlen)
+    if n_chunks < 1:
+        raise CorpusError(f"the corpus has only {len(ids)} tokens, fewer than one chunk of {seqlen}; lower --seqlen")
+    return torch.tensor(ids[: n_chunks * seqlen], dtype=torch.long).view(n_chunks, seqlen)
+
+
+def _synchronize(model: torch.nn.Module) -> None:
+    if torch.cuda.is_available():
+        for device in {p.device for p in model.parameters() if p.device.type == "cuda"}:
+            torch.cuda.synchronize(device)
+
+
+def _chunk_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of every next-token prediction in each row of ``batch`` (float64, on CPU)."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    sums = []
+    for row in range(batch.shape[0]):  # one row at a time bounds the float32 copy of the logits
+        sums.append(F.cross_entropy(logits[row, :-1].float(), batch[row, 1:].to(logits.device), reduction="sum").double())
+    return torch.stack(sums).cpu()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def perplexity(
+    loaded: LoadedModel,
+    chunks: torch.Tensor,
+    budget: Optional[Budget] = None,
+    mode: str = "topk",
+    thresholds: Optional[dict[str, float]] = None,
+    method: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+) -> PerplexityResult:
+    """Perplexity of the model on ``chunks`` under a budget (None = dense).
+
+    ``batch_size=None`` chooses: 1 on the CPU; on CUDA it starts large and
+    halves on out-of-memory, ending with a clear error if even one chunk does
+    not fit.
+    """
+    _check_mode(mode)
+    model = loaded.model
+    device = loaded.input_device
+    n_chunks, seqlen = int(chunks.shape[0]), int(chunks.shape[1])
+    if batch_size is None:
+        batch_size = 1 if device.type != "cuda" else min(MAX_CUDA_BATCH, n_chunks)
+    if batch_size < 1:
+        raise ActTailError(f"batch size must be at least 1, got {batch_size}")
+    label = method or ("dense" if budget is None else budget.method)
+    total = torch.zeros((), dtype=torch.float64)
+    start = time.perf_counter()
+    with torch.no_grad(), sparsify(model, budget, mode, thresholds) as stats:
+        done = 0
+        report(progress, 0, n_chunks, label)
+        while done < n_chunks:
+            batch = chunks[done : done + batch_size].to(device)
+            try:
+                total += _chunk_nll(model, batch).sum()
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if device.type != "cuda" or not _is_oom(exc):
+                    raise
+                del exc
+                torch.cuda.empty_cache()
+                if batch_size == 1:
+                    raise ActTailError(
+                        f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower --seqlen or use --dtype bfloat16"
+                    ) from None
+                batch_size //= 2
+                log.info("CUDA out of memory; retrying with batch size %d", batch_size)
+                continue
+            done += batch.shape[0]
+            report(progress, done, n_chunks, label)
+        _synchronize(model)
+        realized = stats.overall()
+    seconds = time.perf_counter() - start
+    scored = n_chunks * (seqlen - 1)
+    nll = float(total) / scored
+    return PerplexityResult(
+        method=label,
+        sparsity=0.0 if budget is None else float(budget.effective_sparsity),
+        ppl=math.exp(nll) if nll < 700 else float("inf"),
+        nll=nll,
+        tokens=scored,
+        realized_sparsity=realized,
+        seconds=seconds,
+    )
+
+
+def _uniform_for(loaded: LoadedModel, budget: Budget) -> Budget:
+    from .allocation import uniform_budget
+    from .projections import find_projections
+
+    return uniform_budget(find_projections(loaded.model), budget.effective_sparsity, loaded.name, loaded.fingerprint)
+
+
+def compare(
+    loaded: LoadedModel,
+    budget: Budget,
+    corpus: str = "demo",
+    seqlen: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    mode: str = "topk",
+    include_dense: bool = True,
+    include_uniform: bool = True,
+    progress: Optional[ProgressFn] = None,
+    *,
+    calib_corpus: Optional[str] = None,
+    calibration: Optional[ThresholdTable] = None,
+    batch_size: Optional[int] = None,
+) -> list[PerplexityResult]:
+    """Dense, uniform at the budget's effective sparsity, then the budget, on the same chunks.
+
+    In threshold mode the thresholds come from ``calibration`` or are calibrated
+    on ``calib_corpus`` (default: the corpus's own calibration text, never the
+    evaluation text).
+    """
+    from .budget import check_budget_matches
+    from .corpora import default_calibration_corpus, load_text, same_text
+    from .projections import find_projections
+
+    _check_mode(mode)
+    check_budget_matches(budget, find_projections(loaded.model))
+    text = load_text(corpus, "eval")
+    chunks = tokenize_corpus(loaded, text, seqlen, max_tokens)
+    table = calibration
+    if mode == "threshold" and table is None:
+        from .thresholds import calibrate_thresholds
+
+        calib_corpus = calib_corpus or default_calibration_corpus(corpus)
+        if same_text(corpus, calib_corpus):
+            raise ActTailError(f"calibration text {calib_corpus} is the evaluation text; choose another --calib-corpus")
+        table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress)
+    runs: list[tuple[Optional[Budget], str]] = []
+    if include_dense:
+        runs.append((None, "dense"))
+    if include_uniform and budget.method != "uniform":
+        runs.append((_uniform_for(loaded, budget), "uniform"))
+    runs.append((budget, budget.method))
+    results = []
+    for run_budget, label in runs:
+        thresholds = table.thresholds_for(run_budget) if (table is not None and run_budget is not None) else None
+        results.append(
+            perplexity(loaded, chunks, run_budget, mode, thresholds, method=label, batch_size=batch_size, progress=progress)
+        )
+    return results
+
+
+def _median_timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median prefill seconds and median decode seconds (for ``new_tokens`` steps) over the repeats."""
+    model = loaded.model
+    # transformers 5.x renamed past_key_values to cache; accept both
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill, decode = [], []
+    for rep in range(repeats + 1):  # the first run is the warm-up
+        _synchronize(model)
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        _synchronize(model)
+        t1 = time.perf_counter()
+        past = getattr(out, cache_name)
+        token = out.logits[:, -1:].argmax(dim=-1)
+        for _ in range(new_tokens):
+            out = model(input_ids=token, use_cache=True, **{cache_name: past})
+            past = getattr(out, cache_name)
+            token = out.logits[:, -1:].argmax(dim=-1)
+        _synchronize(model)
+        t2 = time.perf_counter()
+        del out, past
+        if rep > 0:
+            prefill.append(t1 - t0)
+            decode.append(t2 - t1)
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def throughput(
+    loaded: LoadedModel,
+    budgets: Sequence[Optional[Budget]],
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    mode: str = "topk",
+    progress: Optional[ProgressFn] = None,
+    *,
+    calibration: Optional[ThresholdTable] = None,
+    topk_impl: str = "auto",
+) -> list[ThroughputResult]:
+    """Prefill and decode tokens/s at batch 1 for each budget (None = dense, no hooks at all).
+
+    The prompt is random token ids (a fixed seed): masking cost does not depend
+    on the text. Threshold mode calibrates on the demo corpus unless given a table.
+    """
+    _check_mode(mode)
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise ActTailError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    limit = model_max_length(loaded)
+    if limit and prompt_len + new_tokens + 1 > limit:
+        raise ActTailError(f"--prompt-len + --new-tokens exceeds the model's context length {limit}")
+    if mode == "threshold" and calibration is None and any(b is not None for b in budgets):
+        from .thresholds import calibrate_thresholds
+
+        calibration = calibrate_thresholds(loaded, "demo", progress=progress)
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(loaded.input_device)
+    results = []
+    for i, budget in enumerate(budgets):
+        label = "dense" if budget is None else budget.method
+        report(progress, i, len(budgets), label)
+        thresholds = calibration.thresholds_for(budget) if (calibration is not None and budget is not None) else None
+        with torch.no_grad(), sparsify(loaded.model, budget, mode, thresholds, measure=False, topk_impl=topk_impl):
+            pre_s, dec_s = _median_timings(loaded, prompt, new_tokens, repeats)
+        results.append(
+            ThroughputResult(
+                method=label,
+                sparsity=0.0 if budget is None else float(budget.effective_sparsity),
+                prefill_tokens_per_s=prompt_len / pre_s,
+                decode_tokens_per_s=new_tokens / dec_s,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+            )
+        )
+    report(progress, len(budgets), len(budgets), "done")
+    return results

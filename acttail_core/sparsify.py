@@ -1,0 +1,268 @@
+"""Stage 4: apply a budget to a loaded model, reversibly, and measure what it did.
+
+``sparsify(model, budget)`` is a context manager that installs a forward
+pre-hook on every budgeted ``nn.Linear`` and removes them on exit (also on
+exceptions); weights are never touched, so the model is bit-identical
+afterwards.
+
+Two modes (METHOD.md section 1):
+
+* ``topk`` (ActTail): for every token keep the ``keep`` entries of the
+  projection's input with the largest magnitude. The k-th largest magnitude
+  per row is found by a selection (no full sort, no scatter) and the input is
+  masked with ``|x| >= kth``; ties at the k-th value keep a few extra entries,
+  which the measurement reports. q, k and v (and gate, up) read the same
+  tensor: the selection is done once per distinct input and keep count.
+* ``threshold`` (TEAL): one magnitude threshold per projection, calibrated on
+  sample text (``calibrate_thresholds``) so that the expected fraction of zeros
+  equals the budget; the mask is a single fused ``hardshrink``.
+
+Realized sparsity is counted on the device (int64 counters, one reduction per
+call) and only synchronised when read through ``SparsityStats``.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .budget import Budget, check_budget_matches
+from .errors import ActTailError
+from .projections import Projection, find_projections, get_module
+
+log = logging.getLogger(__name__)
+
+SPARSITY_MODES = ("topk", "threshold")
+TOPK_IMPLS = ("auto", "topk", "kthvalue", "sort")
+_ACTIVE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _check_mode(mode: str, topk_impl: str = "auto") -> None:
+    if mode not in SPARSITY_MODES:
+        raise ActTailError(f"unknown sparsity mode {mode!r}; choose topk or threshold")
+    if topk_impl not in TOPK_IMPLS:
+        raise ActTailError(f"unknown topk implementation {topk_impl!r}; choose one of {', '.join(TOPK_IMPLS)}")
+
+
+class SparsityStats:
+    """Realized sparsity per projection: zeros in the (masked) input / input entries seen."""
+
+    def __init__(self, params: dict[str, int], targets: dict[str, float], mode: str) -> None:
+        self.params = params
+        self.targets = targets  # budget sparsity per projection (0 for dense)
+        self.mode = mode
+        self._kept: dict[str, torch.Tensor] = {}  # nonzeros passed on, int64 on the input's device
+        self._total: dict[str, int] = {}
+
+    def _add(self, name: str, kept: torch.Tensor | int, total: int) -> None:
+        acc = self._kept.get(name)
+        if acc is None:
+            self._kept[name] = torch.as_tensor(kept, dtype=torch.int64).clone()
+        else:
+            acc.add_(kept)
+        self._total[name] = self._total.get(name, 0) + total
+
+    def reset(self) -> None:
+        self._kept.clear()
+        self._total.clear()
+
+    def per_projection(self) -> dict[str, float]:
+        """Realized sparsity of every projection that has seen input (one sync per device)."""
+        names = list(self._kept)
+        kept: dict[str, int] = {}
+        by_device: dict[torch.device, list[str]] = {}
+        for name in names:
+            by_device.setdefault(self._kept[name].device, []).append(name)
+        for group in by_device.values():
+            values = torch.stack([self._kept[n] for n in group]).cpu().tolist()
+            kept.update(zip(group, values))
+        return {n: 1.0 - kept[n] / self._total[n] for n in names if self._total[n] > 0}
+
+    def overall(self) -> float:
+        """Parameter-weighted mean realized sparsity (NaN before any forward)."""
+        realized = self.per_projection()
+        if not realized:
+            return float("nan")
+        weight = sum(self.params[n] for n in realized)
+        return sum(self.params[n] * s for n, s in realized.items()) / weight
+
+    def max_deviation(self) -> float:
+        """Largest |realized - target| over projections (0 before any forward)."""
+        realized = self.per_projection()
+        return max((abs(s - self.targets.get(n, 0.0)) for n, s in realized.items()), default=0.0)
+
+    def to_frame(self):
+        import pandas as pd
+
+        realized = self.per_projection()
+        rows = [
+            {"name": n, "target": self.targets.get(n, 0.0), "realized": s, "params": self.params[n]} for n, s in realized.items()
+        ]
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class _Rule:
+    name: str
+    keep: int  # topk: entries kept per token
+    threshold: float  # threshold mode: zero |x| <= threshold (0 = no-op)
+
+
+class _Masker:
+    """The hooks' shared state: rules, measurement and the per-input selection cache."""
+
+    def __init__(self, rules: dict[str, _Rule], mode: str, topk_impl: str, stats: SparsityStats, measure: bool) -> None:
+        self.rules = rules
+        self.mode = mode
+        self.topk_impl = topk_impl
+        self.stats = stats
+        self.measure = measure
+        self._last: Optional[torch.Tensor] = None  # held so its id cannot be reused while cached
+        self._last_version: Optional[int] = None
+        self._cache: dict[tuple, object] = {}
+
+    def clear(self) -> None:
+        self._last = None
+        self._cache = {}
+
+    def _cache_for(self, x: torch.Tensor) -> dict:
+        try:
+            version: Optional[int] = x._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+        if x is not self._last or version != self._last_version:
+            self._last, self._last_version, self._cache = x, version, {}
+        return self._cache
+
+    def _kth(self, a: torch.Tensor, keep: int, cache: dict) -> torch.Tensor:
+        """Per-row k-th largest magnitude, shape [..., 1], in the input dtype."""
+        impl = self.topk_impl
+        if impl == "auto":
+            impl = "kthvalue" if a.is_cuda else "topk"
+        if impl == "sort":
+            ordered = cache.get("sorted")
+            if ordered is None:
+                ordered = cache["sorted"] = a.sort(dim=-1, descending=True).values
+            return ordered[..., keep - 1 : keep]
+        if impl == "kthvalue":
+            return a.kthvalue(a.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+        return a.topk(keep, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+    def apply(self, rule: _Rule, x: torch.Tensor) -> Optional[torch.Tensor]:
+        d = x.shape[-1]
+        cache = self._cache_for(x)
+        if self.mode == "threshold":
+            key: tuple = ("thr", rule.threshold)
+            active = rule.threshold > 0
+        else:
+            key = ("keep", rule.keep)
+            active = rule.keep < d
+        hit = cache.get(key)
+        if hit is None:
+            if not active:
+                out = None
+            elif self.mode == "threshold":
+                out = F.hardshrink(x, rule.threshold)
+            elif rule.keep <= 0:
+                out = torch.zeros_like(x)
+            else:
+                a = cache.get("abs")
+                if a is None:
+                    a = cache["abs"] = x.abs()
+                out = x * (a >= self._kth(a, rule.keep, cache))
+            kept = torch.count_nonzero(x if out is None else out) if self.measure else None
+            hit = cache[key] = (out, kept)
+        out, kept = hit
+        if self.measure:
+            self.stats._add(rule.name, kept, x.numel() // d * d)
+        return out
+
+    def hook(self, name: str):
+        rule = self.rules[name]
+
+        def pre_hook(module: torch.nn.Module, args: tuple):
+            out = self.apply(rule, args[0])
+            return None if out is None else (out,) + tuple(args[1:])
+
+        return pre_hook
+
+
+def _rules(
+    projections: Sequence[Projection], budget: Optional[Budget], mode: str, thresholds: Optional[dict[str, float]]
+) -> dict[str, _Rule]:
+    if budget is None:
+        return {p.name: _Rule(p.name, p.in_features, 0.0) for p in projections}
+    check_budget_matches(budget, projections)
+    rules = {}
+    for entry in budget.projections:
+        threshold = 0.0
+        if mode == "threshold" and entry.sparsity > 0:
+            if thresholds is None or entry.name not in thresholds:
+                raise ActTailError(
+                    f"threshold mode needs a calibrated threshold for {entry.name}; use calibrate_thresholds(...).thresholds_for(budget)"
+                )
+            threshold = float(thresholds[entry.name])
+            if not np.isfinite(threshold) or threshold < 0:
+                raise ActTailError(f"threshold for {entry.name} must be a finite number >= 0, got {threshold}")
+        rules[entry.name] = _Rule(entry.name, entry.keep, threshold)
+    return rules
+
+
+@contextmanager
+def sparsify(
+    model: torch.nn.Module,
+    budget: Optional[Budget],
+    mode: str = "topk",
+    thresholds: Optional[dict[str, float]] = None,
+    *,
+    measure: bool = True,
+    topk_impl: str = "auto",
+) -> Iterator[SparsityStats]:
+    """Sparsify the inputs of the budget's projections inside the ``with`` block.
+
+    ``budget=None`` leaves the model dense but still measures its natural zeros
+    (no hooks at all when ``measure`` is False). ``thresholds`` (threshold mode)
+    maps projection names to magnitude thresholds. ``topk_impl`` picks the
+    selection kernel (``auto``: kthvalue on CUDA, topk on CPU; ``sort`` sorts
+    each shared input once), for benchmarking.
+    """
+    _check_mode(mode, topk_impl)
+    if model in _ACTIVE:
+        raise ActTailError("this model is already inside a sparsify() block; nesting is not supported")
+    projections = find_projections(model)
+    rules = _rules(projections, budget, mode, thresholds)
+    targets = budget.sparsity_by_name() if budget is not None else {p.name: 0.0 for p in projections}
+    stats = SparsityStats({p.name: p.params for p in projections}, targets, mode if budget is not None else "dense")
+    masker = _Masker(rules, mode, topk_impl, stats, measure)
+    handles = []
+    _ACTIVE.add(model)
+    try:
+        if budget is not None or measure:
+            for name in rules:
+                handles.append(get_module(model, name).register_forward_pre_hook(masker.hook(name)))
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+        masker.clear()
+        _ACTIVE.discard(model)
+
+
+# --------------------------------------------------------------------------- threshold calibration
+from .thresholds import ThresholdTable, calibrate_on_chunks, calibrate_thresholds  # noqa: E402  (re-exported API)
+
+__all__ = [
+    "SPARSITY_MODES",
+    "TOPK_IMPLS",
+    "SparsityStats",
+    "sparsify",
+    "ThresholdTable",
+    "calibrate_on_chunks",
+    "calibrate_thresholds",
+]
