@@ -136,6 +136,42 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _nll_batches(
+    model: torch.nn.Module,
+    chunks: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    retry_oom: bool,
+    progress: Optional[ProgressFn] = None,
+    label: str = "",
+) -> float:
+    """Summed NLL over all chunks; on CUDA out-of-memory the batch is halved and retried."""
+    n_chunks, seqlen = int(chunks.shape[0]), int(chunks.shape[1])
+    total = torch.zeros((), dtype=torch.float64)
+    done = 0
+    report(progress, 0, n_chunks, label)
+    while done < n_chunks:
+        batch = chunks[done : done + batch_size]
+        try:
+            total += _chunk_nll(model, batch.to(device)).sum()
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not (retry_oom and _is_oom(exc)):
+                raise
+            del exc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise ActTailError(
+                    f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower --seqlen or use --dtype bfloat16"
+                ) from None
+            batch_size //= 2
+            log.info("CUDA out of memory; retrying with batch size %d", batch_size)
+            continue
+        done += int(batch.shape[0])
+        report(progress, done, n_chunks, label)
+    return float(total)
+
+
 def perplexity(
     loaded: LoadedModel,
     chunks: torch.Tensor,
@@ -161,34 +197,14 @@ def perplexity(
     if batch_size < 1:
         raise ActTailError(f"batch size must be at least 1, got {batch_size}")
     label = method or ("dense" if budget is None else budget.method)
-    total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
     with torch.no_grad(), sparsify(model, budget, mode, thresholds) as stats:
-        done = 0
-        report(progress, 0, n_chunks, label)
-        while done < n_chunks:
-            batch = chunks[done : done + batch_size].to(device)
-            try:
-                total += _chunk_nll(model, batch).sum()
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                if device.type != "cuda" or not _is_oom(exc):
-                    raise
-                del exc
-                torch.cuda.empty_cache()
-                if batch_size == 1:
-                    raise ActTailError(
-                        f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower --seqlen or use --dtype bfloat16"
-                    ) from None
-                batch_size //= 2
-                log.info("CUDA out of memory; retrying with batch size %d", batch_size)
-                continue
-            done += batch.shape[0]
-            report(progress, done, n_chunks, label)
+        total = _nll_batches(model, chunks, device, batch_size, device.type == "cuda", progress, label)
         _synchronize(model)
         realized = stats.overall()
     seconds = time.perf_counter() - start
     scored = n_chunks * (seqlen - 1)
-    nll = float(total) / scored
+    nll = total / scored
     return PerplexityResult(
         method=label,
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),
@@ -322,7 +338,12 @@ def throughput(
         report(progress, i, len(budgets), label)
         thresholds = calibration.thresholds_for(budget) if (calibration is not None and budget is not None) else None
         with torch.no_grad(), sparsify(loaded.model, budget, mode, thresholds, measure=False, topk_impl=topk_impl):
-            pre_s, dec_s = _median_timings(loaded, prompt, new_tokens, repeats)
+            try:
+                pre_s, dec_s = _median_timings(loaded, prompt, new_tokens, repeats)
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                raise ActTailError(f"CUDA out of memory at batch 1 with a {prompt_len}-token prompt; lower --prompt-len") from None
         results.append(
             ThroughputResult(
                 method=label,

@@ -39,7 +39,7 @@ from .projections import Projection, find_projections, get_module
 log = logging.getLogger(__name__)
 
 SPARSITY_MODES = ("topk", "threshold")
-TOPK_IMPLS = ("auto", "topk", "kthvalue", "sort")
+TOPK_IMPLS = ("auto", "triton", "kthvalue", "topk", "sort")
 _ACTIVE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
@@ -48,6 +48,24 @@ def _check_mode(mode: str, topk_impl: str = "auto") -> None:
         raise ActTailError(f"unknown sparsity mode {mode!r}; choose topk or threshold")
     if topk_impl not in TOPK_IMPLS:
         raise ActTailError(f"unknown topk implementation {topk_impl!r}; choose one of {', '.join(TOPK_IMPLS)}")
+
+
+_TRITON: list = []
+
+
+def _triton_topk():
+    """The fused Triton TopK mask (acttail_core.triton_topk.topk_mask) when importable, else None (imported once)."""
+    if not _TRITON:
+        try:
+            if not torch.cuda.is_available():
+                raise ImportError("no CUDA")
+            from .triton_topk import topk_mask
+
+            _TRITON.append(topk_mask)
+        except Exception as exc:  # no triton, no GPU, or the module is absent: fall back to torch selections
+            log.info("fused Triton TopK unavailable (%s); using torch selections", exc)
+            _TRITON.append(None)
+    return _TRITON[0]
 
 
 class SparsityStats:
@@ -140,11 +158,15 @@ class _Masker:
             self._last, self._last_version, self._cache = x, version, {}
         return self._cache
 
-    def _kth(self, a: torch.Tensor, keep: int, cache: dict) -> torch.Tensor:
+    def _impl(self, x: torch.Tensor) -> str:
+        if self.topk_impl != "auto":
+            return self.topk_impl
+        if not x.is_cuda:
+            return "topk"  # fastest of the torch selections on the CPU
+        return "triton" if _triton_topk() is not None else "kthvalue"
+
+    def _kth(self, a: torch.Tensor, keep: int, cache: dict, impl: str) -> torch.Tensor:
         """Per-row k-th largest magnitude, shape [..., 1], in the input dtype."""
-        impl = self.topk_impl
-        if impl == "auto":
-            impl = "kthvalue" if a.is_cuda else "topk"
         if impl == "sort":
             ordered = cache.get("sorted")
             if ordered is None:
@@ -171,11 +193,16 @@ class _Masker:
                 out = F.hardshrink(x, rule.threshold)
             elif rule.keep <= 0:
                 out = torch.zeros_like(x)
+            elif (impl := self._impl(x)) == "triton":
+                fused = _triton_topk()
+                if fused is None:
+                    raise ActTailError("topk_impl='triton' needs a CUDA GPU, the triton package and acttail_core.triton_topk")
+                out = fused(x, rule.keep)
             else:
                 a = cache.get("abs")
                 if a is None:
                     a = cache["abs"] = x.abs()
-                out = x * (a >= self._kth(a, rule.keep, cache))
+                out = x * (a >= self._kth(a, rule.keep, cache, impl))
             kept = torch.count_nonzero(x if out is None else out) if self.measure else None
             hit = cache[key] = (out, kept)
         out, kept = hit
@@ -229,8 +256,9 @@ def sparsify(
     ``budget=None`` leaves the model dense but still measures its natural zeros
     (no hooks at all when ``measure`` is False). ``thresholds`` (threshold mode)
     maps projection names to magnitude thresholds. ``topk_impl`` picks the
-    selection kernel (``auto``: kthvalue on CUDA, topk on CPU; ``sort`` sorts
-    each shared input once), for benchmarking.
+    selection kernel (``auto``: triton, else kthvalue on CUDA, topk on CPU; ``sort`` sorts
+    each shared input once; ``triton`` the fused kernel of acttail_core.triton_topk,
+    which ``auto`` picks on CUDA when it imports), for benchmarking.
     """
     _check_mode(mode, topk_impl)
     if model in _ACTIVE:
