@@ -1,0 +1,118 @@
+"""Perplexity (SparseGPT/Wanda convention), compare and throughput."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from acttail_core import evaluate
+from acttail_core.allocation import uniform_budget
+from acttail_core.errors import ActTailError, CorpusError
+from acttail_core.evaluate import compare, perplexity, throughput, tokenize_corpus
+from acttail_core.projections import find_projections
+
+TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
+
+
+def hf_ppl(model, chunks) -> float:
+    with torch.no_grad():
+        losses = [model(input_ids=chunks[i : i + 1], labels=chunks[i : i + 1]).loss.double() for i in range(chunks.shape[0])]
+    return math.exp(torch.stack(losses).mean().item())
+
+
+def test_tokenize_corpus_chunks_and_errors(tiny_loaded):
+    chunks = tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=300)
+    assert chunks.shape == (4, 64) and chunks.dtype == torch.long
+    full = tiny_loaded.tokenizer(TEXT)["input_ids"]
+    assert chunks.reshape(-1).tolist() == full[:256]  # no BOS added: the byte tokenizer does not ask for one
+    assert tokenize_corpus(tiny_loaded, TEXT, seqlen=64).shape[0] == len(full) // 64
+    assert tokenize_corpus(tiny_loaded, TEXT).shape[1] == 512  # min(2048, model context)
+    with pytest.raises(CorpusError, match="smaller than one chunk"):
+        tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=63)
+    with pytest.raises(CorpusError, match="empty"):
+        tokenize_corpus(tiny_loaded, "  \n", seqlen=64)
+    with pytest.raises(CorpusError, match="fewer than one chunk"):
+        tokenize_corpus(tiny_loaded, "short text", seqlen=64)
+    with pytest.raises(CorpusError, match="context length"):
+        tokenize_corpus(tiny_loaded, TEXT, seqlen=4096)
+
+
+def test_dense_perplexity_equals_transformers_labels_loss(tiny_loaded):
+    chunks = tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=256)
+    result = perplexity(tiny_loaded, chunks)
+    assert result.method == "dense" and result.tokens == 4 * 63
+    assert result.ppl == pytest.approx(hf_ppl(tiny_loaded.model, chunks), rel=1e-5)
+    assert result.nll == pytest.approx(math.log(result.ppl), rel=1e-12)
+    batched = perplexity(tiny_loaded, chunks, batch_size=3)
+    assert batched.ppl == pytest.approx(result.ppl, rel=1e-5)
+
+
+def test_zero_budget_gives_exactly_the_dense_result(tiny_loaded):
+    chunks = tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=128)
+    zero = uniform_budget(find_projections(tiny_loaded.model), 0.0, tiny_loaded.name, tiny_loaded.fingerprint)
+    dense = perplexity(tiny_loaded, chunks)
+    same = perplexity(tiny_loaded, chunks, zero)
+    assert same.ppl == dense.ppl and same.nll == dense.nll and same.realized_sparsity == dense.realized_sparsity
+
+
+def test_oom_halves_the_batch_then_fails_clearly(tiny_loaded, monkeypatch):
+    chunks = tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=256)
+    real = evaluate._chunk_nll
+    sizes = []
+
+    def fake(model, batch):
+        sizes.append(batch.shape[0])
+        if batch.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(evaluate, "_chunk_nll", fake)
+    with torch.no_grad():
+        total = evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 4, retry_oom=True)
+        assert sizes[:3] == [4, 2, 1]
+        monkeypatch.setattr(evaluate, "_chunk_nll", real)
+        assert total == pytest.approx(evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 1, retry_oom=False))
+
+        def always(model, batch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        monkeypatch.setattr(evaluate, "_chunk_nll", always)
+        with pytest.raises(ActTailError, match="out of memory even at batch size 1"):
+            evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 4, retry_oom=True)
+
+
+def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
+    from tests.test_sparsify import acttail_like
+
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text(TEXT)
+    budget = acttail_like(tiny_loaded, 0.5)
+    results = compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192)
+    assert [r.method for r in results] == ["dense", "uniform", "acttail"]
+    assert len({r.tokens for r in results}) == 1
+    assert results[0].realized_sparsity < 0.01
+    assert results[1].realized_sparsity == pytest.approx(0.5, abs=0.01)
+    assert results[2].realized_sparsity == pytest.approx(budget.effective_sparsity, abs=0.01)
+    assert set(results[0].as_dict()) == {"method", "sparsity", "ppl", "nll", "tokens", "realized_sparsity", "seconds"}
+    with pytest.raises(ActTailError, match="calib-corpus"):
+        compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192, mode="threshold")
+
+
+def test_throughput_reports_all_budgets(tiny_loaded):
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    results = throughput(tiny_loaded, [None, budget], prompt_len=16, new_tokens=3, repeats=1)
+    assert [r.method for r in results] == ["dense", "uniform"]
+    assert all(r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0 for r in results)
+    assert "weight" in evaluate.THROUGHPUT_NOTE
+    with pytest.raises(ActTailError, match="context length"):
+        throughput(tiny_loaded, [None], prompt_len=600, new_tokens=3)
+
+
+def test_default_model_perplexity_matches_transformers(default_loaded):
+    from acttail_core.corpora import load_text
+
+    chunks = tokenize_corpus(default_loaded, load_text("demo"), seqlen=128, max_tokens=256)
+    result = perplexity(default_loaded, chunks)
+    assert result.tokens == 254
+    assert result.ppl == pytest.approx(hf_ppl(default_loaded.model, chunks), rel=1e-4)
