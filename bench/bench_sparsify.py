@@ -1,0 +1,169 @@
+"""Cost of activation sparsification through ``acttail_core.sparsify``: forward time and decode speed.
+
+    python bench/bench_sparsify.py --model default                       # the real default model, CPU
+    python bench/bench_sparsify.py --synthetic llama2-7b --layers 8 --device cuda --dtype bfloat16
+    python bench/bench_sparsify.py --synthetic llama2-7b --layers 2 --seqlen 256   # CPU smoke test
+
+Rows: dense (no hooks at all), TopK with every selection implementation the device
+has (uniform budget; ``auto`` is what eval uses), TopK with a non-uniform (acttail)
+budget, TopK with the realized-sparsity measurement on (what ``eval`` pays), and
+calibrated thresholds (TEAL-style). Columns: one prefill forward over ``--seqlen``
+tokens at batch 1 (median of ``--repeats`` after a warm-up, CUDA synchronised), its
+ratio to dense, greedy decode tokens/s at batch 1 with the KV cache, and its ratio.
+
+The synthetic model is a randomly initialised LlamaForCausalLM with Llama-2-7B
+shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000; ``--layers`` of
+them), built on the device, no download. Masking alone never skips weight reads,
+so no row can be faster than dense; this measures the overhead a sparse kernel
+would have to win back. Needs only torch, transformers, numpy, pydantic, pandas.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PRESETS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=32000),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synthetic_model(preset: str, layers: int, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from acttail_core.models import from_module
+
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **PRESETS[preset])
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: 7B in fp32 first would double memory
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    return from_module(model, None, name=f"random {preset} x{layers} layers")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def forward_ms(model, ids: torch.Tensor, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            sync()
+            if rep > 0:  # the first is the warm-up
+                times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def acttail_like(loaded, sparsity: float):
+    """Per-projection budget from random alphas (synthetic model) or the real spectra (real model)."""
+    from acttail_core.allocation import allocate, allocate_sparsities
+    from acttail_core.budget import make_budget
+    from acttail_core.projections import find_projections
+
+    if loaded.tokenizer is not None:
+        from acttail_core.spectra import compute_spectra
+
+        return allocate(compute_spectra(loaded), sparsity)
+    projections = find_projections(loaded.model)
+    alphas = np.random.default_rng(0).uniform(2, 8, len(projections))
+    return make_budget(
+        projections, allocate_sparsities(alphas, projections, sparsity), model_name=loaded.name,
+        model_fingerprint=loaded.fingerprint, method="acttail", target_sparsity=sparsity, alphas=alphas,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="a model reference for acttail_core.models.load_model (e.g. default)")
+    source.add_argument("--synthetic", choices=sorted(PRESETS), default=None, help="random model with these shapes")
+    parser.add_argument("--layers", type=int, default=4, help="synthetic: decoder layers (7B has 32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--seqlen", type=int, default=2048, help="prefill tokens for the forward timing")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode timing")
+    args = parser.parse_args()
+
+    from acttail_core.allocation import uniform_budget
+    from acttail_core.evaluate import THROUGHPUT_NOTE, throughput
+    from acttail_core.models import load_model
+    from acttail_core.projections import find_projections
+    from acttail_core.sparsify import _triton_topk, sparsify
+    from acttail_core.thresholds import calibrate_on_chunks
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA GPU")
+    dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
+    if args.synthetic:
+        loaded = synthetic_model(args.synthetic, args.layers, args.device, dtype)
+    else:
+        loaded = load_model(args.model or "default", dtype=str(dtype).replace("torch.", ""), device=args.device)
+    model = loaded.model
+    device = loaded.input_device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (1, args.seqlen), generator=generator).to(device)
+    calib = torch.randint(0, vocab, (2, min(args.seqlen, 512)), generator=generator)
+
+    projections = find_projections(model)
+    uniform = uniform_budget(projections, args.sparsity, loaded.name, loaded.fingerprint)
+    acttail = acttail_like(loaded, args.sparsity)
+    table = calibrate_on_chunks(model, calib, fingerprint=loaded.fingerprint, corpus="random ids").bind(model)
+
+    impls = ["auto", "topk", "kthvalue", "sort"]
+    if device.type == "cuda" and _triton_topk() is not None:
+        impls.insert(1, "triton")
+    # (label, budget, mode, impl, measure)
+    rows = [("dense", None, "topk", "auto", False)]
+    rows += [(f"topk uniform [{impl}]", uniform, "topk", impl, False) for impl in impls]
+    rows.append(("topk acttail [auto]", acttail, "topk", "auto", False))
+    rows.append(("topk uniform [auto] + measure", uniform, "topk", "auto", True))
+    rows.append(("threshold uniform", uniform, "threshold", "auto", False))
+    rows.append(("threshold acttail", acttail, "threshold", "auto", False))
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{loaded.name} on {name}, {str(dtype).replace('torch.', '')}, sparsity {args.sparsity}, "
+          f"{len(projections)} projections; prefill {args.seqlen} tokens at batch 1, median of {args.repeats}")
+    print(f"{'variant':<30} | {'forward ms':>10} | {'vs dense':>8} | {'decode tok/s':>12} | {'vs dense':>8}")
+    dense_ms = dense_tps = None
+    for label, budget, mode, impl, measure in rows:
+        thresholds = table.thresholds_for(budget) if (mode == "threshold" and budget is not None) else None
+        with sparsify(model, budget, mode, thresholds, measure=measure, topk_impl=impl):
+            ms = forward_ms(model, ids, args.repeats)
+        tps = float("nan")
+        if not args.no_decode:
+            result = throughput(loaded, [budget], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                repeats=args.repeats, mode=mode, calibration=table, topk_impl=impl)[0]
+            tps = result.decode_tokens_per_s
+        if budget is None:
+            dense_ms, dense_tps = ms, tps
+        print(f"{label:<30} | {ms:10.2f} | {ms / dense_ms:7.2f}x | {tps:12.1f} | {tps / dense_tps:7.2f}x", flush=True)
+    print(f"note: {THROUGHPUT_NOTE}")
+    print("target: topk [auto] forward at most 1.5x dense on the H200 (Llama-2-7B shapes, 2048-token prefill)")
+
+
+if __name__ == "__main__":
+    main()
