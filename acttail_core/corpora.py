@@ -18,7 +18,6 @@ A corpus reference is one of
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import shutil
 import subprocess

@@ -214,7 +214,11 @@ class _Masker:
         rule = self.rules[name]
 
         def pre_hook(module: torch.nn.Module, args: tuple):
-            out = self.apply(rule, args[0])
+            try:
+                out = self.apply(rule, args[0])
+            except BaseException:
+                self.clear()  # e.g. CUDA OOM: drop cached tensors so a retry with a smaller batch has the memory
+                raise
             return None if out is None else (out,) + tuple(args[1:])
 
         return pre_hook

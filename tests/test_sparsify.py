@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from acttail_core import thresholds as thresholds_mod
@@ -207,3 +208,19 @@ def test_calibration_is_cached_as_safetensors(tiny_loaded, tmp_path, monkeypatch
     files[0].write_bytes(b"not safetensors")
     with pytest.raises(ActTailError, match="unreadable"):
         ThresholdTable.load(files[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), d=st.integers(1, 48), frac=st.floats(0, 1), impl=st.sampled_from(["topk", "kthvalue", "sort"]), seed=st.integers(0, 2**16))
+def test_masker_keeps_the_k_largest_per_row(rows, d, frac, impl, seed):
+    from acttail_core.sparsify import SparsityStats, _Masker, _Rule
+
+    keep = int(round(frac * d))
+    x = torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
+    stats = SparsityStats({"p": d}, {"p": 1 - keep / d}, "topk")
+    out = _Masker({"p": _Rule("p", keep, 0.0)}, "topk", impl, stats, True).apply(_Rule("p", keep, 0.0), x)
+    out = x if out is None else out
+    top = x.abs().topk(keep, dim=-1).indices
+    expect = torch.zeros_like(x).scatter(-1, top, x.gather(-1, top))
+    assert torch.equal(out, expect)
+    assert stats.per_projection()["p"] == pytest.approx(1 - keep / d, abs=1e-12)
