@@ -58,38 +58,50 @@ def alpha_color_range(spectra: Spectra) -> tuple[float, float]:
 
 
 def _grid(frame: pd.DataFrame, value: str) -> tuple[list[int], list[str], np.ndarray]:
+    """(layers, types, values as a layers x types array, NaN where a layer lacks a type)."""
     layers = sorted(frame["layer"].unique().tolist())
     types = ordered_types(frame["type"])
-    table = frame.pivot_table(index="layer", columns="type", values=value, aggfunc="first")
-    table = table.reindex(index=layers, columns=types)
-    return layers, types, table.to_numpy(dtype=np.float64)
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    column_of = {proj_type: j for j, proj_type in enumerate(types)}
+    grid = np.full((len(layers), len(types)), np.nan)
+    # Direct indexing rather than pivot_table: this runs on every slider move and pandas' pivot costs ~20 ms.
+    rows = frame["layer"].map(row_of).to_numpy()
+    columns = frame["type"].map(column_of).to_numpy()
+    grid[rows, columns] = frame[value].to_numpy(dtype=np.float64)
+    return layers, types, grid
 
 
 def _custom(frame: pd.DataFrame, layers: list[int], types: list[str], columns: Sequence[str]) -> np.ndarray:
-    """Per-cell hover data (layers x types x columns), as strings so missing cells show blank."""
-    lookup = {(row.layer, row.type): row for row in frame.itertuples(index=False)}
-    out = np.empty((len(layers), len(types), len(columns)), dtype=object)
-    for i, layer in enumerate(layers):
-        for j, proj_type in enumerate(types):
-            row = lookup.get((layer, proj_type))
-            for k, column in enumerate(columns):
-                out[i, j, k] = "" if row is None else getattr(row, column)
+    """Per-cell hover data (layers x types x columns); missing cells stay blank."""
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    column_of = {proj_type: j for j, proj_type in enumerate(types)}
+    out = np.full((len(layers), len(types), len(columns)), "", dtype=object)
+    rows = frame["layer"].map(row_of).to_numpy()
+    cols = frame["type"].map(column_of).to_numpy()
+    for k, column in enumerate(columns):
+        out[rows, cols, k] = frame[column].to_numpy(dtype=object)
     return out
 
 
-def _heatmap_layout(fig: go.Figure, title: str, layers: list[int], height: Optional[int] = None) -> go.Figure:
-    fig.update_layout(
+def _heatmap_layout(title: str, layers: list[int], height: Optional[int] = None, **extra) -> dict:
+    """Layout shared by every heatmap, built as one dict: one validation pass instead of several updates."""
+    return dict(
         title=dict(text=title, x=0.0, xanchor="left"),
         height=height or max(360, 16 * len(layers) + 140),
-        margin=dict(l=10, r=10, t=50, b=10),
+        margin=dict(l=10, r=10, t=80, b=10),
+        xaxis=dict(side="top", type="category"),
+        yaxis=dict(title=dict(text="layer"), autorange="reversed", type="category", dtick=1 if len(layers) <= 40 else None),
+        **extra,
     )
-    fig.update_xaxes(title_text="projection type", side="top", type="category")
-    fig.update_yaxes(title_text="layer", autorange="reversed", type="category", dtick=1 if len(layers) <= 40 else None)
-    return fig
 
 
-def alpha_heatmap(spectra: Spectra) -> go.Figure:
-    """alpha per projection: layers as rows, projection types as columns."""
+def alpha_heatmap(spectra: Spectra, highlight: Optional[tuple[int, str]] = None) -> go.Figure:
+    """alpha per projection: layers as rows, projection types as columns.
+
+    Plotly heatmaps cannot be selected, so an invisible marker sits on every cell:
+    clicking a cell selects its marker, which Streamlit reports as a selection event.
+    ``highlight`` = (layer, type) outlines that cell.
+    """
     frame = spectra.to_frame()
     frame["shape"] = frame["out_features"].astype(str) + " x " + frame["in_features"].astype(str)
     frame["alpha_text"] = frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit")
@@ -98,26 +110,52 @@ def alpha_heatmap(spectra: Spectra) -> go.Figure:
     layers, types, alpha = _grid(frame, "alpha")
     custom = _custom(frame, layers, types, ["alpha_text", "xmin_text", "ks_text", "shape", "tail_size", "name"])
     zmin, zmax = alpha_color_range(spectra)
-    fig = go.Figure(
+    hover = (
+        "layer %{y} · %{x}<br>alpha = %{customdata[0]}<br>xmin = %{customdata[1]}"
+        "<br>KS distance D = %{customdata[2]}<br>shape %{customdata[3]} · tail %{customdata[4]} eigenvalues"
+        "<extra>%{customdata[5]}</extra>"
+    )
+    traces = [
         go.Heatmap(
             z=alpha,
             x=types,
             y=[str(layer) for layer in layers],
-            customdata=custom,
             colorscale=ALPHA_COLORSCALE,
             zmin=zmin,
             zmax=zmax,
             colorbar=dict(title=dict(text="alpha"), thickness=14),
-            hovertemplate=(
-                "layer %{y} · %{x}<br>alpha = %{customdata[0]}<br>xmin = %{customdata[1]}"
-                "<br>KS distance D = %{customdata[2]}<br>shape %{customdata[3]} · tail %{customdata[4]} eigenvalues"
-                "<extra>%{customdata[5]}</extra>"
-            ),
+            hoverinfo="skip",  # the invisible cell markers carry the hover text (and the clicks)
             xgap=1,
             ygap=1,
+        ),
+        go.Scatter(
+            x=[t for _ in layers for t in types],
+            y=[str(layer) for layer in layers for _ in types],
+            mode="markers",
+            marker=dict(symbol="square", size=16, opacity=0.0, color="white"),
+            selected=dict(marker=dict(opacity=0.0)),
+            unselected=dict(marker=dict(opacity=0.0)),
+            customdata=custom.reshape(len(layers) * len(types), -1),
+            hovertemplate=hover,
+            showlegend=False,
+            name="cells",
+        ),
+    ]
+    shapes = []
+    if highlight is not None and highlight[0] in layers and highlight[1] in types:
+        row, column = layers.index(highlight[0]), types.index(highlight[1])
+        shapes.append(
+            dict(
+                type="rect", xref="x", yref="y", x0=column - 0.5, x1=column + 0.5, y0=row - 0.5, y1=row + 0.5,
+                line=dict(color="#ff2b2b", width=3),
+            )
         )
+    # Cells form a regular grid, so "nearest marker" is exactly "the cell under the pointer".
+    layout = _heatmap_layout(
+        f"alpha per projection ({spectra.rule} rule)", layers,
+        shapes=shapes, clickmode="event+select", dragmode=False, hovermode="closest", hoverdistance=-1,
     )
-    return _heatmap_layout(fig, f"Heavy-tail exponent alpha ({spectra.rule} rule; colours clipped to the 2nd-98th percentile)", layers)
+    return go.Figure(data=traces, layout=layout)
 
 
 def sparsity_heatmap(budget: Budget, title: str, height: Optional[int] = None) -> go.Figure:
@@ -127,25 +165,23 @@ def sparsity_heatmap(budget: Budget, title: str, height: Optional[int] = None) -
     frame["sparsity_text"] = frame["sparsity"].map(lambda s: f"{s:.3f}")
     layers, types, sparsity = _grid(frame, "sparsity")
     custom = _custom(frame, layers, types, ["sparsity_text", "keep", "in_features", "alpha_text", "name"])
-    fig = go.Figure(
-        go.Heatmap(
-            z=sparsity,
-            x=types,
-            y=[str(layer) for layer in layers],
-            customdata=custom,
-            colorscale=SPARSITY_COLORSCALE,
-            zmin=SPARSITY_RANGE[0],
-            zmax=SPARSITY_RANGE[1],
-            colorbar=dict(title=dict(text="sparsity"), thickness=14),
-            hovertemplate=(
-                "layer %{y} · %{x}<br>sparsity = %{customdata[0]}<br>keeps %{customdata[1]} of %{customdata[2]} inputs"
-                "<br>alpha = %{customdata[3]}<extra>%{customdata[4]}</extra>"
-            ),
-            xgap=1,
-            ygap=1,
-        )
+    heatmap = go.Heatmap(
+        z=sparsity,
+        x=types,
+        y=[str(layer) for layer in layers],
+        customdata=custom,
+        colorscale=SPARSITY_COLORSCALE,
+        zmin=SPARSITY_RANGE[0],
+        zmax=SPARSITY_RANGE[1],
+        colorbar=dict(title=dict(text="sparsity"), thickness=14),
+        hovertemplate=(
+            "layer %{y} · %{x}<br>sparsity = %{customdata[0]}<br>keeps %{customdata[1]} of %{customdata[2]} inputs"
+            "<br>alpha = %{customdata[3]}<extra>%{customdata[4]}</extra>"
+        ),
+        xgap=1,
+        ygap=1,
     )
-    return _heatmap_layout(fig, title, layers, height)
+    return go.Figure(data=[heatmap], layout=_heatmap_layout(title, layers, height))
 
 
 def esd_figure(spectrum: ProjectionSpectrum) -> go.Figure:
@@ -201,8 +237,8 @@ def esd_figure(spectrum: ProjectionSpectrum) -> go.Figure:
         margin=dict(l=10, r=10, t=70, b=10),
         legend=dict(orientation="h", yanchor="bottom", y=-0.3, x=0),
     )
-    fig.update_xaxes(type="log", title_text="eigenvalue lambda of W^T W")
-    fig.update_yaxes(type="log", title_text="density")
+    fig.update_xaxes(type="log", title_text="eigenvalue lambda of W^T W", exponentformat="power")
+    fig.update_yaxes(type="log", title_text="density", exponentformat="power")
     return fig
 
 
@@ -229,19 +265,20 @@ def alpha_by_type(spectra: Spectra) -> go.Figure:
             )
         )
     fig.update_layout(title=dict(text="alpha per projection type (one point per layer)", x=0.0), height=380, margin=dict(l=10, r=10, t=50, b=10))
-    fig.update_yaxes(type="log", title_text="alpha (log scale)")
+    ticks = [1, 1.5, 2, 3, 4, 6, 8, 10, 15, 20, 30, 50, 100]
+    fig.update_yaxes(type="log", title_text="alpha (log scale)", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_xaxes(title_text="projection type")
     return fig
 
 
 def mean_sparsity_by_type(budgets: dict[str, Budget]) -> go.Figure:
     """Grouped bars: mean sparsity per projection type for each named budget."""
-    fig = go.Figure()
+    traces = []
     for label, budget in budgets.items():
         frame = budget.to_frame()
         types = ordered_types(frame["type"])
         means = frame.groupby("type")["sparsity"].mean().reindex(types)
-        fig.add_trace(
+        traces.append(
             go.Bar(
                 x=types,
                 y=means.to_numpy(),
@@ -250,16 +287,16 @@ def mean_sparsity_by_type(budgets: dict[str, Budget]) -> go.Figure:
                 hovertemplate=f"{label}<br>%{{x}}: mean sparsity %{{y:.3f}}<extra></extra>",
             )
         )
-    fig.update_layout(
+    layout = dict(
         title=dict(text="Mean sparsity per projection type", x=0.0),
         barmode="group",
         height=340,
         margin=dict(l=10, r=10, t=50, b=10),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"),
+        yaxis=dict(range=list(SPARSITY_RANGE), title=dict(text="sparsity")),
+        xaxis=dict(title=dict(text="projection type")),
     )
-    fig.update_yaxes(range=list(SPARSITY_RANGE), title_text="sparsity")
-    fig.update_xaxes(title_text="projection type")
-    return fig
+    return go.Figure(data=traces, layout=layout)
 
 
 def _label_color(label: str) -> Optional[str]:

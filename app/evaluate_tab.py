@@ -96,11 +96,15 @@ def run_perplexity(ctx: AppContext, engine: dict[str, ModuleType], budget: Budge
     run = _next_run()
     target = budget.target_sparsity
     rows = []
+    # A quick check may score fewer tokens than the model's default chunk: then one chunk of all of them.
+    default_seqlen = getattr(evaluate, "default_seqlen", None)
+    seqlen = min(tokens, default_seqlen(ctx.loaded)) if default_seqlen else None
     with st.status(f"Perplexity run {run} on {corpus} ({tokens} tokens)...", expanded=True) as status:
         results = evaluate.compare(
             ctx.loaded,
             budget,
             corpus=corpus,
+            seqlen=seqlen,
             max_tokens=tokens,
             mode=mode,
             include_dense=True,
@@ -112,13 +116,13 @@ def run_perplexity(ctx: AppContext, engine: dict[str, ModuleType], budget: Budge
 
             greedy = greedy_budget(ctx.loaded, target, progress=StreamlitProgress(st, "greedy search"))
             results += evaluate.compare(
-                ctx.loaded, greedy, corpus=corpus, max_tokens=tokens, mode=mode,
+                ctx.loaded, greedy, corpus=corpus, seqlen=seqlen, max_tokens=tokens, mode=mode,
                 include_dense=False, include_uniform=False, progress=StreamlitProgress(st, "greedy perplexity"),
             )
         status.update(label=f"Perplexity run {run} done", state="complete", expanded=False)
     for result in results:
         row = _common(ctx, run, "perplexity")
-        row.update({"corpus": corpus, "mode": mode})
+        row.update({"corpus": corpus, "mode": mode, "seqlen": seqlen})
         row.update(_budget_fields(budget))
         row.update(result.as_dict())
         row["tokens"] = row.get("tokens", tokens)

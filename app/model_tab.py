@@ -9,7 +9,7 @@ from app.state import AppContext, projection_table
 def render(ctx: AppContext) -> None:
     summary = ctx.loaded.summary()
     st.subheader(f"Model: {summary['name']}")
-    columns = st.columns(6)
+    columns = st.columns([1.6, 0.8, 1, 1.1, 0.8, 0.9])
     columns[0].metric("Architecture", summary["architecture"], help=f"model_type = {summary['model_type']}")
     columns[1].metric("Layers", summary["layers"], help="decoder layers")
     columns[2].metric("Projections", len(ctx.projections), help="linear layers whose inputs are sparsified (7 per layer for Llama-like models)")

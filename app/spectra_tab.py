@@ -10,11 +10,11 @@ from app.state import AppContext, guarded
 
 
 def _selected_cell(event: Any) -> Optional[tuple[int, str]]:
-    """(layer, type) of the heatmap cell the user clicked, if any."""
-    try:
-        points = event.selection.points
-    except AttributeError:
+    """(layer, type) of the heatmap cell the user clicked, if any (from the chart's selection state)."""
+    if event is None:
         return None
+    selection = event.get("selection") if isinstance(event, dict) else getattr(event, "selection", None)
+    points = (selection.get("points") if isinstance(selection, dict) else getattr(selection, "points", None)) or []
     if not points:
         return None
     point = points[0]
@@ -33,17 +33,9 @@ def _heatmap_and_esd(ctx: AppContext) -> None:
     layers = sorted({e.layer for e in spectra.entries})
     types = charts.ordered_types(e.type for e in spectra.entries)
 
-    left, right = st.columns([1.05, 1])
-    with left:
-        event = st.plotly_chart(
-            charts.alpha_heatmap(spectra),
-            key="alpha_heatmap",
-            on_select="rerun",
-            selection_mode="points",
-            config=charts.plotly_config("acttail-alpha-heatmap"),
-        )
-    # A click moves the pickers, but only once per click, so the pickers stay usable afterwards.
-    clicked = _selected_cell(event)
+    # Apply a click before drawing, so the pickers and the highlighted cell follow it in this same run;
+    # only once per click, so the pickers stay usable afterwards.
+    clicked = _selected_cell(st.session_state.get("alpha_heatmap"))
     if clicked is not None and clicked != st.session_state.get("_applied_click") and clicked in by_cell:
         st.session_state["esd_layer"], st.session_state["esd_type"] = clicked
         st.session_state["_applied_click"] = clicked
@@ -51,6 +43,17 @@ def _heatmap_and_esd(ctx: AppContext) -> None:
         st.session_state["esd_layer"] = layers[0]
     if st.session_state.get("esd_type") not in types:
         st.session_state["esd_type"] = types[0]
+    highlight = (st.session_state["esd_layer"], st.session_state["esd_type"])
+
+    left, right = st.columns([1.05, 1])
+    with left:
+        st.plotly_chart(
+            charts.alpha_heatmap(spectra, highlight),
+            key="alpha_heatmap",
+            on_select="rerun",
+            selection_mode="points",
+            config=charts.plotly_config("acttail-alpha-heatmap"),
+        )
     with right:
         pick_layer, pick_type = st.columns(2)
         layer = pick_layer.selectbox("Layer", layers, key="esd_layer", help="Or click a cell of the heatmap.")

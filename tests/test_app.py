@@ -1,0 +1,289 @@
+"""AppTest (streamlit.testing.v1) tests of every tab of the dashboard.
+
+The default model and its spectra come from the engine's caches (the first
+load in a test process takes a few seconds; the app's process-wide store makes
+later AppTests instant). The Evaluate tab's measuring functions are mocked where
+the button, not the measurement, is under test.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from acttail_core.allocation import AllocationSettings, allocate
+from acttail_core.budget import load_budget
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+TIMEOUT = 120
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run_app(**query: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception element (a traceback) and no error box."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metric(at: AppTest, label: str) -> str:
+    for element in at.metric:
+        if element.label.startswith(label):
+            return element.value
+    raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
+
+
+def plotly_keys(at: AppTest) -> list[str]:
+    """The keys (e.g. 'alpha_heatmap') of the plotly charts on the page, from their element ids."""
+    return [chart.proto.id for chart in at.get("plotly_chart")]
+
+
+# --------------------------------------------------------------------------- Model tab
+
+
+def test_default_model_loads_with_nothing_typed(default_loaded):
+    at = run_app()
+    assert_clean(at)
+    assert at.title[0].value == "ActTail Explorer"
+    assert "heavy-tail exponent" in at.markdown[0].value
+    assert [tab.label for tab in at.tabs] == ["Model", "Spectra", "Allocation", "Evaluate"]
+    assert metric(at, "Architecture") == "LlamaForCausalLM"
+    assert metric(at, "Layers") == "30"
+    assert metric(at, "Projections") == "210"
+    assert metric(at, "Device") == "cpu"
+    assert at.sidebar.selectbox(key="model").value == "default"
+
+
+def test_bad_model_path_shows_error_with_hint():
+    at = run_app(model="local directory", path="/definitely/not/a/model")
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "not found" in at.error[0].value and "Hint" in at.error[0].value
+    assert len(at.tabs) == 0  # nothing drawn on a model that is not there
+
+
+# --------------------------------------------------------------------------- Spectra tab
+
+
+def test_spectra_tab_heatmap_esd_and_csv(default_loaded):
+    at = run_app()
+    keys = " ".join(plotly_keys(at))
+    for chart in ("alpha_heatmap", "esd_plot", "alpha_by_type"):
+        assert chart in keys
+    at.selectbox(key="esd_layer").set_value(7)
+    at.selectbox(key="esd_type").set_value("up")
+    at.run()
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    from acttail_core.spectra import compute_spectra
+
+    entry = compute_spectra(default_loaded).by_name()["model.layers.7.mlp.up_proj"]
+    assert f"alpha = **{entry.alpha:.3f}**" in captions
+    download = at.get("download_button")
+    assert any("spectra" in d.proto.label for d in download)
+
+
+def test_xmin_rule_is_selectable():
+    at = run_app(rule="mid")
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="rule").value == "mid"
+    budget = at.session_state["current_budget"]
+    assert budget.xmin_rule == "mid"
+
+
+# --------------------------------------------------------------------------- Allocation tab
+
+
+def test_sliders_change_the_budget(default_loaded):
+    at = run_app()
+    budget = at.session_state["current_budget"]
+    assert budget.method == AllocationSettings().method and budget.target_sparsity == 0.5
+    assert metric(at, "Effective sparsity") == "0.5000"
+
+    at.slider(key="sparsity").set_value(0.7).run()
+    assert_clean(at)
+    budget = at.session_state["current_budget"]
+    assert budget.target_sparsity == pytest.approx(0.7)
+    assert budget.effective_sparsity == pytest.approx(0.7, abs=1e-9)
+    assert metric(at, "Effective sparsity") == "0.7000"
+    assert len({round(e.sparsity, 6) for e in budget.projections}) > 1  # alpha-driven, not uniform
+
+    at.slider(key="temperature").set_value(0.0).run()
+    assert {round(e.sparsity, 9) for e in at.session_state["current_budget"].projections} == {0.7}
+
+    at.selectbox(key="method").set_value("linear").run()
+    budget = at.session_state["current_budget"]
+    assert budget.method == "linear" and budget.eps == pytest.approx(AllocationSettings().eps)
+
+    at.selectbox(key="direction").set_value("keep-heavy").run()
+    at.selectbox(key="group").set_value("type").run()
+    budget = at.session_state["current_budget"]
+    assert (budget.direction, budget.group) == ("keep-heavy", "type")
+    assert budget.effective_sparsity == pytest.approx(0.7, abs=1e-9)
+
+    # The app's budget is exactly the engine's for the same settings (the app computes nothing itself).
+    from acttail_core.spectra import compute_spectra
+
+    expected = allocate(compute_spectra(default_loaded), 0.7, AllocationSettings(method="linear", temperature=0.0, direction="keep-heavy", group="type"))
+    assert budget.sparsity_by_name() == pytest.approx(expected.sparsity_by_name())
+    assert at.session_state["allocation_render_ms"] < 2000
+    print(f"allocation fragment (allocate + charts), server side: {at.session_state['allocation_render_ms']:.0f} ms")
+
+
+def test_query_params_reproduce_the_view():
+    at = run_app(sparsity="0.65", temperature="2.5", method="acttail", direction="keep-heavy", group="layer", tab="Allocation")
+    assert_clean(at)
+    budget = at.session_state["current_budget"]
+    assert (budget.target_sparsity, budget.temperature, budget.direction, budget.group) == (0.65, 2.5, "keep-heavy", "layer")
+    link = at.code[0].value
+    for part in ("sparsity=0.65", "temperature=2.5", "direction=keep-heavy", "group=layer", "model=default", "tab=Allocation"):
+        assert part in link
+
+
+def test_budget_json_download_is_valid(default_loaded):
+    at = run_app(sparsity="0.6")
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert "Download budget JSON" in labels
+    # The button serves budget.to_json() of the current budget (the browser test downloads the file itself).
+    budget = at.session_state["current_budget"]
+    from acttail_core.projections import find_projections
+
+    reread = load_budget(budget.to_json(), projections=find_projections(default_loaded.model), fingerprint=default_loaded.fingerprint)
+    assert reread == budget and reread.target_sparsity == 0.6
+
+
+def test_uploaded_budget_is_validated(default_loaded):
+    at = run_app()
+    before = at.session_state["current_budget"]
+
+    at.file_uploader(key="budget_upload").upload("broken.json", b"{not json", "application/json")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "not valid JSON" in at.error[0].value and "Hint" in at.error[0].value
+    assert at.session_state["current_budget"].sparsity_by_name() == before.sparsity_by_name()  # nothing changed
+
+    wrong = json.loads(before.to_json())
+    wrong["projections"] = wrong["projections"][:-1]
+    wrong["effective_sparsity"] = sum(p["params"] * p["sparsity"] for p in wrong["projections"]) / sum(p["params"] for p in wrong["projections"])
+    at.file_uploader(key="budget_upload").set_value(("short.json", json.dumps(wrong).encode(), "application/json"))
+    at.run()
+    assert len(at.error) == 1 and "does not match this model" in at.error[0].value
+    assert at.session_state["current_budget"].sparsity_by_name() == before.sparsity_by_name()
+
+    from acttail_core.spectra import compute_spectra
+
+    good = allocate(compute_spectra(default_loaded), 0.8, AllocationSettings(method="linear"))
+    at.file_uploader(key="budget_upload").set_value(("good.json", good.to_json().encode(), "application/json"))
+    at.run()
+    assert_clean(at)
+    assert at.session_state["current_budget"] == good
+    assert at.slider(key="sparsity").disabled  # the file, not the sliders, is in charge now
+    assert metric(at, "Effective sparsity") == "0.8000"
+
+
+# --------------------------------------------------------------------------- Evaluate tab
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_loaded, tmp_path) -> Path:
+    """The conftest's tiny random Llama saved as a local Hugging Face directory, loadable from the sidebar."""
+    folder = tmp_path / "tiny-llama"
+    tiny_loaded.model.save_pretrained(folder, safe_serialization=True)
+    tiny_loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+class FakeResult:
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def as_dict(self) -> dict:
+        return dict(self.fields)
+
+
+def test_evaluate_buttons_fill_the_history(tiny_model_dir, monkeypatch):
+    import acttail_core.evaluate as evaluate
+
+    calls = {}
+
+    def fake_compare(loaded, budget, corpus="demo", seqlen=None, max_tokens=None, mode="topk", include_dense=True, include_uniform=True, progress=None, **_):
+        calls["compare"] = dict(model=loaded.name, budget=budget, corpus=corpus, max_tokens=max_tokens, mode=mode)
+        if progress:
+            progress(1, 1, "done")
+        methods = ["dense"] * include_dense + ["uniform"] * include_uniform + [budget.method]
+        return [
+            FakeResult(method=m, sparsity=0.0 if m == "dense" else budget.target_sparsity, ppl=10.0 + i, nll=2.3, tokens=max_tokens,
+                       realized_sparsity=0.0 if m == "dense" else budget.target_sparsity, seconds=0.1)
+            for i, m in enumerate(methods)
+        ]
+
+    def fake_throughput(loaded, budgets, prompt_len=128, new_tokens=32, repeats=3, mode="topk", progress=None, **_):
+        calls["throughput"] = dict(budgets=budgets, prompt_len=prompt_len)
+        return [
+            FakeResult(method="dense" if b is None else b.method, sparsity=0.0 if b is None else b.target_sparsity,
+                       prefill_tokens_per_s=1000.0, decode_tokens_per_s=50.0, prompt_len=prompt_len, new_tokens=new_tokens)
+            for b in budgets
+        ]
+
+    monkeypatch.setattr(evaluate, "compare", fake_compare)
+    monkeypatch.setattr(evaluate, "throughput", fake_throughput)
+
+    at = run_app(model="local directory", path=str(tiny_model_dir), sparsity="0.6", tab="Evaluate")
+    assert_clean(at)
+    assert metric(at, "Layers") == "2"
+    at.number_input(key="eval_tokens").set_value(128)
+    at.button(key="run_perplexity").click().run()
+    assert_clean(at)
+    assert calls["compare"]["model"] == str(tiny_model_dir)
+    assert calls["compare"]["max_tokens"] == 128 and calls["compare"]["corpus"] == "demo"
+    assert calls["compare"]["budget"].target_sparsity == pytest.approx(0.6)
+    history = at.session_state["run_history"]
+    assert [row["method"] for row in history] == ["dense", "uniform", "acttail"]
+    assert {row["run"] for row in history} == {1}
+
+    at.button(key="run_throughput").click().run()
+    assert_clean(at)
+    assert [b is None for b in calls["throughput"]["budgets"]] == [True, False, False]
+    history = at.session_state["run_history"]
+    assert len(history) == 6 and history[-1]["kind"] == "throughput" and history[-1]["decode_tokens_per_s"] == 50.0
+
+    # A second allocation accumulates in the same history.
+    at.slider(key="sparsity").set_value(0.4).run()
+    at.button(key="run_perplexity").click().run()
+    history = at.session_state["run_history"]
+    assert {row["run"] for row in history} == {1, 2, 3}
+    labels = {row["label"] for row in history}
+    assert any("@ 0.40" in label for label in labels) and any("@ 0.60" in label for label in labels)
+    assert {d.proto.label for d in at.get("download_button")} >= {"Download history (CSV)", "Download history (JSON)"}
+    assert "history_chart" in " ".join(plotly_keys(at))
+
+
+def test_evaluate_real_engine_on_tiny_model(tiny_model_dir):
+    """The real evaluate.compare on the tiny model (seconds): the wiring, not the numbers."""
+    at = run_app(model="local directory", path=str(tiny_model_dir), sparsity="0.5", tab="Evaluate")
+    at.number_input(key="eval_tokens").set_value(128)
+    at.button(key="run_perplexity").click().run()
+    assert_clean(at)
+    history = at.session_state["run_history"]
+    assert [row["method"] for row in history][:2] == ["dense", "uniform"]
+    assert all(row["ppl"] > 1 for row in history)
+
+
+def test_evaluate_error_is_shown_not_raised(tiny_model_dir):
+    at = run_app(model="local directory", path=str(tiny_model_dir), tab="Evaluate")
+    at.selectbox(key="eval_corpus").set_value("text file").run()
+    at.text_input(key="eval_corpus_path").set_value("/no/such/file.txt").run()
+    at.button(key="run_perplexity").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "Hint" in at.error[0].value
+    assert at.session_state["run_history"] == []

@@ -1,0 +1,236 @@
+"""End to end in a real browser: `streamlit run app/main.py` driven by Playwright with Debian's Chromium.
+
+Checks that the alpha heatmap renders, a cell click opens its ESD, the sparsity
+slider updates the budget (and the URL), the budget JSON downloads and validates,
+a shared link reproduces the view, and an evaluation runs. Saves a screenshot of
+every tab to a temporary folder, and to assets/ when ACTTAIL_UPDATE_ASSETS=1
+(`python scripts/screenshots.py` does that).
+
+Chromium is not optional here: without /usr/bin/chromium the test fails with
+the command that installs it (CI installs it with apt).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("ACTTAIL_CHROMIUM", "/usr/bin/chromium")
+ASSETS = ROOT / "assets"
+VIEWPORT = {"width": 1500, "height": 1000}
+STARTUP_TIMEOUT_S = 90
+RENDER_TIMEOUT_MS = 90_000
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"streamlit exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"streamlit did not become healthy in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable, "-m", "streamlit", "run", "app/main.py",
+                "--server.headless", "true", "--server.port", str(port),
+                "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            ],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, server, log_path)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log_text = log_path.read_text()
+        assert "Traceback" not in log_text, f"the server logged a traceback:\n{log_text[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: the browser test needs it. Install it with "
+            "`sudo apt-get install -y chromium` (or `bash scripts/setup.sh --test`), or set ACTTAIL_CHROMIUM.",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def _save(page, shots: Path, name: str) -> Path:
+    """Screenshot the whole app; also into assets/ when asked to refresh the README's images.
+
+    Streamlit scrolls inside its main block, so a "full page" screenshot would stop at the
+    viewport: the viewport is stretched to the content's height for the shot instead.
+    """
+    height = page.evaluate(
+        """() => { const main = document.querySelector('[data-testid="stMainBlockContainer"]');
+                   return main ? main.scrollHeight : document.body.scrollHeight; }"""
+    )
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": int(height) + 120})
+    page.wait_for_timeout(1500)  # plotly re-lays out to the new size
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path))
+    page.set_viewport_size(VIEWPORT)
+    if os.environ.get("ACTTAIL_UPDATE_ASSETS") == "1":
+        ASSETS.mkdir(exist_ok=True)
+        shutil.copy(path, ASSETS / f"{name}.png")
+    return path
+
+
+def _open_tab(page, name: str):
+    page.get_by_role("tab", name=name).click()
+    panel = page.get_by_role("tabpanel", name=name)
+    panel.wait_for(state="visible", timeout=RENDER_TIMEOUT_MS)
+    return panel
+
+
+def _metric_value(page, label: str) -> str:
+    metric = page.locator('[data-testid="stMetric"]', has_text=label).first
+    return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def _wait_app_ready(page) -> None:
+    page.get_by_role("tab", name="Allocation").wait_for(timeout=RENDER_TIMEOUT_MS)
+    page.locator('[data-testid="stMetric"]', has_text="Effective sparsity").first.wait_for(state="attached", timeout=RENDER_TIMEOUT_MS)
+
+
+def test_dashboard_end_to_end(app_url, browser, shots):
+    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    page = context.new_page()
+    page.goto(app_url)
+    _wait_app_ready(page)
+
+    # Model tab: the default model loaded with nothing typed.
+    model = _open_tab(page, "Model")
+    model.get_by_text("LlamaForCausalLM").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+    _save(page, shots, "model")
+
+    # Spectra tab: the alpha heatmap renders (plotly draws heatmaps as an image inside .heatmaplayer).
+    spectra = _open_tab(page, "Spectra")
+    heatmap = spectra.locator('[data-testid="stPlotlyChart"]').first
+    heatmap.locator(".heatmaplayer image").first.wait_for(state="attached", timeout=RENDER_TIMEOUT_MS)
+    assert "alpha" in heatmap.inner_text()
+    # Clicking a cell selects that projection for the ESD plot.
+    plot_area = heatmap.locator(".nsewdrag").first
+    box = plot_area.bounding_box()
+    assert box is not None
+    cell = (box["x"] + box["width"] * 6.5 / 7, box["y"] + box["height"] * 14.5 / 30)  # layer 14, "down"
+    # Hover first: the tooltip proves plotly's event handlers are attached before we click.
+    page.mouse.move(*cell)
+    heatmap.locator(".hoverlayer .hovertext", has_text="layer 14").wait_for(timeout=30_000)
+    page.mouse.click(*cell)
+    spectra.locator(".gtitle", has_text="ESD of model.layers.14.mlp.down_proj").wait_for(timeout=30_000)
+    _save(page, shots, "spectra")
+
+    # Allocation tab: move the sparsity slider with the keyboard and time until the effective sparsity updates.
+    allocation = _open_tab(page, "Allocation")
+    allocation.locator('[data-testid="stPlotlyChart"]').first.locator(".heatmaplayer image").first.wait_for(
+        state="attached", timeout=RENDER_TIMEOUT_MS
+    )
+    assert _metric_value(page, "Effective sparsity") == "0.5000"
+    thumb = allocation.get_by_role("slider", name="Global sparsity")  # an <input type="range">
+    latencies = []
+    for step in range(1, 6):
+        expected = f"{0.5 + 0.01 * step:.4f}"
+        thumb.focus()
+        started = time.perf_counter()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function(
+            """(expected) => [...document.querySelectorAll('[data-testid="stMetric"]')]
+                 .some(el => el.innerText.includes('Effective sparsity') && el.innerText.includes(expected))""",
+            arg=expected,
+            timeout=30_000,
+        )
+        latencies.append((time.perf_counter() - started) * 1000)
+    median_ms = statistics.median(latencies)
+    print(f"slider-to-render (browser, keypress to updated effective sparsity): median {median_ms:.0f} ms, all {[round(x) for x in latencies]}")
+    (shots / "slider_latency_ms.json").write_text(json.dumps({"median_ms": median_ms, "all_ms": latencies}))
+    page.wait_for_function("() => window.location.search.includes('sparsity=0.55')", timeout=10_000)
+
+    # The budget JSON downloads and validates against the engine's schema.
+    with page.expect_download(timeout=30_000) as download_info:
+        allocation.get_by_role("button", name="Download budget JSON").click()
+    budget_path = shots / "budget.json"
+    download_info.value.save_as(budget_path)
+    from acttail_core.budget import load_budget
+
+    budget = load_budget(budget_path)
+    assert budget.target_sparsity == pytest.approx(0.55)
+    assert budget.effective_sparsity == pytest.approx(0.55, abs=1e-9)
+    assert len(budget.projections) == 210
+    _save(page, shots, "allocation")
+
+    # A link with settings reproduces the view.
+    shared = context.new_page()
+    shared.goto(f"{app_url}/?sparsity=0.7&method=linear&direction=keep-heavy&tab=Allocation")
+    _wait_app_ready(shared)
+    shared.get_by_role("tabpanel", name="Allocation").wait_for(state="visible", timeout=RENDER_TIMEOUT_MS)
+    shared.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stMetric"]')]
+             .some(el => el.innerText.includes('Effective sparsity') && el.innerText.includes('0.7000'))""",
+        timeout=RENDER_TIMEOUT_MS,
+    )
+    assert "linear" in _metric_value(shared, "Budget")
+    shared.close()
+
+    # Evaluate tab: a quick perplexity run on the demo text (small token count on CPU).
+    evaluate = _open_tab(page, "Evaluate")
+    tokens = evaluate.get_by_role("spinbutton", name="Tokens", exact=True)
+    tokens.fill("256")
+    tokens.press("Enter")
+    evaluate.get_by_role("button", name="Run perplexity").click()
+    evaluate.get_by_text("Run history", exact=False).first.wait_for(timeout=180_000)
+    evaluate.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
+    assert evaluate.locator('[data-testid="stAlert"]').filter(has_text="error").count() == 0
+    _save(page, shots, "evaluate")
+    context.close()
