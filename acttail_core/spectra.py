@@ -471,6 +471,7 @@ def esd_density(spectrum: ProjectionSpectrum, bins: int = 60) -> tuple[np.ndarra
     if high <= low:
         high = low * 1.01
     edges = np.logspace(np.log10(low), np.log10(high), bins + 1)
+    edges[0], edges[-1] = low, high  # exact ends: rounding in logspace could leave the extreme eigenvalues out
     counts, edges = np.histogram(eigs, bins=edges)
     density = counts / (eigs.size * np.diff(edges))
     return edges, density

@@ -114,7 +114,7 @@ def run_perplexity(ctx: AppContext, engine: dict[str, ModuleType], budget: Budge
         if with_greedy:
             from acttail_core.greedy import greedy_budget  # optional engine module
 
-            greedy = greedy_budget(ctx.loaded, target, progress=StreamlitProgress(st, "greedy search"))
+            greedy = greedy_budget(ctx.loaded, target, alphas=ctx.spectra.alphas(), progress=StreamlitProgress(st, "greedy search"))
             results += evaluate.compare(
                 ctx.loaded, greedy, corpus=corpus, seqlen=seqlen, max_tokens=tokens, mode=mode,
                 include_dense=False, include_uniform=False, progress=StreamlitProgress(st, "greedy perplexity"),
