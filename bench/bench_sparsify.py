@@ -9,7 +9,9 @@ has (uniform budget; ``auto`` is what eval uses), TopK with a non-uniform (actta
 budget, TopK with the realized-sparsity measurement on (what ``eval`` pays), and
 calibrated thresholds (TEAL-style). Columns: one prefill forward over ``--seqlen``
 tokens at batch 1 (median of ``--repeats`` after a warm-up, CUDA synchronised), its
-ratio to dense, greedy decode tokens/s at batch 1 with the KV cache, and its ratio.
+ratio to dense (variants interleaved round by round, so drifting load hits all alike),
+greedy decode tokens/s at batch 1 with the KV cache (``--prompt-len`` prompt,
+``--new-tokens`` steps, interleaved the same way), and its ratio.
 
 The synthetic model is a randomly initialised LlamaForCausalLM with Llama-2-7B
 shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000; ``--layers`` of
@@ -60,17 +62,38 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def forward_ms(model, ids: torch.Tensor, repeats: int) -> float:
-    times = []
+def forward_s(model, ids: torch.Tensor) -> float:
     with torch.no_grad():
-        for rep in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
-            sync()
-            if rep > 0:  # the first is the warm-up
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        sync()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync()
+    return time.perf_counter() - start
+
+
+def interleaved(loaded, ids: torch.Tensor, prompt: torch.Tensor, variants: list, table, repeats: int, new_tokens: int):
+    """Median forward ms and decode tokens/s per variant.
+
+    The variants take turns in every round, so drifting load (a shared CPU, GPU
+    clocks) hits all of them alike. Round 0 is the warm-up; each decode timing
+    also runs its own warm-up (evaluate._median_timings). new_tokens 0 skips decode.
+    """
+    from acttail_core.evaluate import _median_timings
+    from acttail_core.sparsify import sparsify
+
+    forward: list[list[float]] = [[] for _ in variants]
+    decode: list[list[float]] = [[] for _ in variants]
+    for rnd in range(repeats + 1):
+        for i, (_, budget, mode, impl, measure) in enumerate(variants):
+            thresholds = table.thresholds_for(budget) if (mode == "threshold" and budget is not None) else None
+            with torch.no_grad(), sparsify(loaded.model, budget, mode, thresholds, measure=measure, topk_impl=impl):
+                elapsed = forward_s(loaded.model, ids)
+                if rnd > 0 and new_tokens > 0:
+                    decode[i].append(new_tokens / _median_timings(loaded, prompt, new_tokens, 1)[1])
+            if rnd > 0:
+                forward[i].append(elapsed)
+    nan = float("nan")
+    return [1e3 * statistics.median(t) for t in forward], [statistics.median(t) if t else nan for t in decode]
 
 
 def acttail_like(loaded, sparsity: float):
@@ -108,10 +131,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from acttail_core.allocation import uniform_budget
-    from acttail_core.evaluate import THROUGHPUT_NOTE, throughput
+    from acttail_core.evaluate import THROUGHPUT_NOTE
     from acttail_core.models import load_model
     from acttail_core.projections import find_projections
-    from acttail_core.sparsify import _triton_topk, sparsify
+    from acttail_core.sparsify import _triton_topk
     from acttail_core.thresholds import calibrate_on_chunks
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -148,16 +171,10 @@ def main() -> None:
     print(f"{loaded.name} on {name}, {str(dtype).replace('torch.', '')}, sparsity {args.sparsity}, "
           f"{len(projections)} projections; prefill {args.seqlen} tokens at batch 1, median of {args.repeats}")
     print(f"{'variant':<30} | {'forward ms':>10} | {'vs dense':>8} | {'decode tok/s':>12} | {'vs dense':>8}")
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator).to(device)
+    forward, decode = interleaved(loaded, ids, prompt, rows, table, args.repeats, 0 if args.no_decode else args.new_tokens)
     dense_ms = dense_tps = None
-    for label, budget, mode, impl, measure in rows:
-        thresholds = table.thresholds_for(budget) if (mode == "threshold" and budget is not None) else None
-        with sparsify(model, budget, mode, thresholds, measure=measure, topk_impl=impl):
-            ms = forward_ms(model, ids, args.repeats)
-        tps = float("nan")
-        if not args.no_decode:
-            result = throughput(loaded, [budget], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                repeats=args.repeats, mode=mode, calibration=table, topk_impl=impl)[0]
-            tps = result.decode_tokens_per_s
+    for (label, budget, mode, impl, measure), ms, tps in zip(rows, forward, decode):
         if budget is None:
             dense_ms, dense_tps = ms, tps
         print(f"{label:<30} | {ms:10.2f} | {ms / dense_ms:7.2f}x | {tps:12.1f} | {tps / dense_tps:7.2f}x", flush=True)
