@@ -184,16 +184,16 @@ def allocation_fragment(ctx: AppContext) -> None:
 
     with results:
         sparsities = [entry.sparsity for entry in budget.projections]
-        metrics = st.columns(4)
+        metrics = st.columns([1, 1.5, 1.1, 1])
         metrics[0].metric("Target sparsity", f"{target:.4f}")
         metrics[1].metric(
-            "Effective sparsity (parameter-weighted)",
+            "Effective sparsity (param-weighted)",
             f"{budget.effective_sparsity:.4f}",
             help="sum(params x sparsity) / sum(params) over all projections: the share of weight reads a sparse kernel "
             "skips. The engine makes it equal the target.",
         )
         metrics[2].metric("Per-projection range", f"{min(sparsities):.3f} - {max(sparsities):.3f}")
-        metrics[3].metric("Budget", describe(budget))
+        metrics[3].metric("Method", budget.method, help=f"This budget: {describe(budget)}")
         left, right = st.columns(2)
         heatmap_height = max(420, 16 * len({e.layer for e in budget.projections}) + 140)
         with left:

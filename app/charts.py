@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import plotly.colors as plotly_colors
 import plotly.graph_objects as go
 
 from acttail_core.budget import Budget
@@ -17,7 +18,9 @@ from acttail_core.projections import PROJECTION_TYPES
 from acttail_core.spectra import ProjectionSpectrum, Spectra, esd_density, tail_density
 
 ALPHA_COLORSCALE = "Viridis"
-SPARSITY_COLORSCALE = "Magma"
+# Pale = dense (nothing zeroed), dark red = almost everything zeroed. An explicit list, so no template
+# or version can reverse it (Magma's near-black end rendered washed out in Streamlit's theme).
+SPARSITY_COLORSCALE = plotly_colors.make_colorscale(plotly_colors.sequential.YlOrRd)
 SPARSITY_RANGE = (0.0, 1.0)
 # One colour per compared method, the same on every chart.
 METHOD_COLORS = {
@@ -307,12 +310,13 @@ def perplexity_chart(rows: pd.DataFrame) -> go.Figure:
     """Perplexity of each method of one evaluation run (lower is better)."""
     fig = go.Figure(
         go.Bar(
-            x=rows["label"],
+            x=rows["short_label"] if "short_label" in rows else rows["label"],
             y=rows["ppl"],
+            customdata=rows[["label"]].to_numpy(),
             marker_color=[_label_color(m) or TYPE_COLOR for m in rows["method"]],
             text=[f"{p:.2f}" for p in rows["ppl"]],
             textposition="outside",
-            hovertemplate="%{x}<br>perplexity %{y:.3f}<extra></extra>",
+            hovertemplate="%{customdata[0]}<br>perplexity %{y:.3f}<extra></extra>",
         )
     )
     fig.update_layout(title=dict(text="Perplexity (lower is better)", x=0.0), height=340, margin=dict(l=10, r=10, t=50, b=10))
@@ -328,7 +332,7 @@ def throughput_chart(rows: pd.DataFrame) -> go.Figure:
         ("decode_tokens_per_s", "decode", "#08519c"),
     ):
         fig.add_trace(
-            go.Bar(x=rows["label"], y=rows[column], name=name, marker_color=color, hovertemplate=f"%{{x}}<br>{name} %{{y:.1f}} tokens/s<extra></extra>")
+            go.Bar(x=rows["short_label"] if "short_label" in rows else rows["label"], y=rows[column], name=name, marker_color=color, hovertemplate=f"%{{x}}<br>{name} %{{y:.1f}} tokens/s<extra></extra>")
         )
     fig.update_layout(
         title=dict(text="Throughput (tokens/s, higher is better)", x=0.0),
@@ -341,28 +345,38 @@ def throughput_chart(rows: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def _log_ticks(values: Sequence[float]) -> list[float]:
+    """1-2-5 ticks spanning the values, for readable log axes."""
+    finite = [v for v in values if v and np.isfinite(v) and v > 0]
+    if not finite:
+        return [1, 10]
+    low, high = np.floor(np.log10(min(finite))), np.ceil(np.log10(max(finite)))
+    return [m * 10**e for e in range(int(low), int(high) + 1) for m in (1, 2, 5)]
+
+
 def history_chart(history: pd.DataFrame) -> go.Figure:
     """Perplexity of every method across the session's runs, to compare allocations."""
-    fig = go.Figure()
     ppl = history[history["kind"] == "perplexity"]
-    for label, part in ppl.groupby("label", sort=False):
-        fig.add_trace(
+    traces = []
+    for method, part in ppl.groupby("method", sort=False):
+        traces.append(
             go.Scatter(
                 x=part["run"],
                 y=part["ppl"],
                 mode="markers+lines",
-                name=str(label),
-                marker=dict(size=9, color=_label_color(part["method"].iloc[0])),
-                customdata=part[["target_sparsity", "corpus", "tokens"]].to_numpy(),
-                hovertemplate="run %{x}<br>%{fullData.name}<br>ppl %{y:.3f}<br>target %{customdata[0]} · %{customdata[1]} · %{customdata[2]} tokens<extra></extra>",
+                name=str(method),
+                marker=dict(size=10, color=_label_color(str(method))),
+                line=dict(color=_label_color(str(method))),
+                customdata=part[["label", "corpus", "tokens"]].to_numpy(),
+                hovertemplate="run %{x}: %{customdata[0]}<br>perplexity %{y:.3f}<br>%{customdata[1]}, %{customdata[2]} tokens<extra></extra>",
             )
         )
-    fig.update_layout(
-        title=dict(text="Run history: perplexity per run", x=0.0),
+    ticks = _log_ticks(ppl["ppl"].tolist())
+    layout = dict(
+        title=dict(text="Run history: perplexity of each method per run (hover for the settings)", x=0.0),
         height=340,
         margin=dict(l=10, r=10, t=50, b=10),
-        legend=dict(orientation="v"),
+        xaxis=dict(title=dict(text="run"), dtick=1),
+        yaxis=dict(title=dict(text="perplexity (log)"), type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks]),
     )
-    fig.update_xaxes(title_text="run", dtick=1)
-    fig.update_yaxes(title_text="perplexity", type="log")
-    return fig
+    return go.Figure(data=traces, layout=layout)

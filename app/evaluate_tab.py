@@ -23,7 +23,7 @@ from app import charts
 from app.allocation_tab import describe
 from app.state import AppContext, StreamlitProgress, gpu_available, guarded, history, show_error
 
-CPU_DEFAULT_TOKENS = 1024
+CPU_DEFAULT_TOKENS = 512
 GPU_DEFAULT_TOKENS = 16384
 TEXT_FILE = "text file"
 
@@ -62,6 +62,11 @@ def _label(method: str, budget: Budget, target: float) -> str:
     if method == "greedy":
         return f"greedy @ {target:.2f}"
     return f"{describe(budget)} @ {target:.2f}"
+
+
+def _short_label(method: str, target: float) -> str:
+    """For chart axes: the full settings are in the hover text and the table."""
+    return "dense" if method == "dense" else f"{method} @ {target:.2f}"
 
 
 def _budget_fields(budget: Budget) -> dict[str, Any]:
@@ -127,6 +132,7 @@ def run_perplexity(ctx: AppContext, engine: dict[str, ModuleType], budget: Budge
         row.update(result.as_dict())
         row["tokens"] = row.get("tokens", tokens)
         row["label"] = _label(str(row.get("method")), budget, target)
+        row["short_label"] = _short_label(str(row.get("method")), target)
         rows.append(row)
     return rows
 
@@ -150,6 +156,7 @@ def run_throughput(ctx: AppContext, engine: dict[str, ModuleType], budget: Budge
         row.update(_budget_fields(budget))
         row.update(result.as_dict())
         row["label"] = _label(str(row.get("method")), budget, target)
+        row["short_label"] = _short_label(str(row.get("method")), target)
         rows.append(row)
     return rows
 
@@ -262,8 +269,8 @@ def evaluate_fragment(ctx: AppContext) -> None:
         if note:
             st.caption(note)
         t1, t2, t3 = st.columns(3)
-        prompt_len = int(t1.number_input("Prompt tokens", 8, 8192, 128 if on_gpu else 64, 8, key="tp_prompt", help="Prefill length."))
-        new_tokens = int(t2.number_input("New tokens", 1, 2048, 32 if on_gpu else 16, 1, key="tp_new", help="Decoded tokens per repeat."))
+        prompt_len = int(t1.number_input("Prompt tokens", 8, 8192, 128 if on_gpu else 32, 8, key="tp_prompt", help="Prefill length."))
+        new_tokens = int(t2.number_input("New tokens", 1, 2048, 32 if on_gpu else 8, 1, key="tp_new", help="Decoded tokens per repeat."))
         repeats = int(t3.number_input("Repeats", 1, 20, 3 if on_gpu else 2, 1, key="tp_repeats", help="The median of the repeats is reported."))
         if st.button("Measure throughput", key="run_throughput", icon=":material/speed:"):
             try:

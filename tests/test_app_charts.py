@@ -91,4 +91,4 @@ def test_results_charts_build():
         {"run": [1, 1, 2], "kind": ["perplexity"] * 3, "label": ["dense", "x", "dense"], "method": ["dense", "acttail", "dense"],
          "ppl": [20.0, 25.0, 20.0], "target_sparsity": [0.5] * 3, "corpus": ["demo"] * 3, "tokens": [1024] * 3}
     )
-    assert [trace.name for trace in charts.history_chart(history).data] == ["dense", "x"]
+    assert [trace.name for trace in charts.history_chart(history).data] == ["dense", "acttail"]

@@ -165,11 +165,19 @@ def test_dashboard_end_to_end(app_url, browser, shots):
     box = plot_area.bounding_box()
     assert box is not None
     cell = (box["x"] + box["width"] * 6.5 / 7, box["y"] + box["height"] * 14.5 / 30)  # layer 14, "down"
-    # Hover first: the tooltip proves plotly's event handlers are attached before we click.
-    page.mouse.move(*cell)
-    heatmap.locator(".hoverlayer .hovertext", has_text="layer 14").wait_for(timeout=30_000)
-    page.mouse.click(*cell)
-    spectra.locator(".gtitle", has_text="ESD of model.layers.14.mlp.down_proj").wait_for(timeout=30_000)
+    esd_title = spectra.locator(".gtitle", has_text="ESD of model.layers.14.mlp.down_proj")
+    for attempt in range(3):  # a click that lands while plotly is still re-laying out the chart is dropped
+        # Hover first: the tooltip proves plotly's event handlers are attached before we click.
+        page.mouse.move(*cell)
+        heatmap.locator(".hoverlayer .hovertext", has_text="layer 14").wait_for(timeout=30_000)
+        page.mouse.click(*cell)
+        try:
+            esd_title.wait_for(timeout=10_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            page.mouse.move(box["x"] - 40, box["y"] - 40)  # leave the plot so the next hover is a fresh one
     _save(page, shots, "spectra")
 
     # Allocation tab: move the sparsity slider with the keyboard and time until the effective sparsity updates.
@@ -196,6 +204,8 @@ def test_dashboard_end_to_end(app_url, browser, shots):
     print(f"slider-to-render (browser, keypress to updated effective sparsity): median {median_ms:.0f} ms, all {[round(x) for x in latencies]}")
     (shots / "slider_latency_ms.json").write_text(json.dumps({"median_ms": median_ms, "all_ms": latencies}))
     page.wait_for_function("() => window.location.search.includes('sparsity=0.55')", timeout=10_000)
+    # The share link is drawn after the download button: once it shows 0.55 the button serves the new budget.
+    allocation.locator('[data-testid="stCode"]', has_text="sparsity=0.55").wait_for(timeout=30_000)
 
     # The budget JSON downloads and validates against the engine's schema.
     with page.expect_download(timeout=30_000) as download_info:
@@ -220,7 +230,7 @@ def test_dashboard_end_to_end(app_url, browser, shots):
              .some(el => el.innerText.includes('Effective sparsity') && el.innerText.includes('0.7000'))""",
         timeout=RENDER_TIMEOUT_MS,
     )
-    assert "linear" in _metric_value(shared, "Budget")
+    assert _metric_value(shared, "Method") == "linear"
     shared.close()
 
     # Evaluate tab: a quick perplexity run on the demo text (small token count on CPU).
