@@ -32,6 +32,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spectra", default=None, help="spectra JSON to allocate from instead of computing it")
     parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES, help="topk (ActTail) or threshold (TEAL-style, calibrated)")
     parser.add_argument("--calib-corpus", default=None, help="threshold mode: calibration text (default: the corpus's own calibration file)")
+    parser.add_argument("--calib-tokens", type=int, default=None, help="threshold mode: calibration tokens (default 4096)")
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="include the dense model")
     parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True, help="include uniform at the budget's effective sparsity")
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
@@ -45,6 +46,8 @@ def _check_common(args: argparse.Namespace) -> None:
     check_device(args.device)
     if (args.sparsity is None) == (args.budget is None):
         raise ActTailError("give exactly one of --sparsity S or --budget FILE")
+    if getattr(args, "calib_tokens", None) is not None and args.calib_tokens < 2:
+        raise ActTailError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.sparsity is not None:
         check_target(args.sparsity, settings_from_args(args))
     elif not Path(args.budget).is_file():
@@ -134,6 +137,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         progress=TqdmProgress("eval"),
         calib_corpus=calib,
         batch_size=args.batch_size,
+        calib_tokens=args.calib_tokens,
     )
     import pandas as pd
 
@@ -183,7 +187,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.mode == "threshold":
         from .thresholds import calibrate_thresholds
 
-        calibration = calibrate_thresholds(loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"))
+        kwargs = {} if args.calib_tokens is None else {"max_tokens": args.calib_tokens}
+        calibration = calibrate_thresholds(loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"), **kwargs)
     results = throughput(
         loaded,
         budgets,

@@ -237,6 +237,7 @@ def compare(
     calib_corpus: Optional[str] = None,
     calibration: Optional[ThresholdTable] = None,
     batch_size: Optional[int] = None,
+    calib_tokens: Optional[int] = None,
 ) -> list[PerplexityResult]:
     """Dense, uniform at the budget's effective sparsity, then the budget, on the same chunks.
 
@@ -259,7 +260,8 @@ def compare(
         calib_corpus = calib_corpus or default_calibration_corpus(corpus)
         if same_text(corpus, calib_corpus):
             raise ActTailError(f"calibration text {calib_corpus} is the evaluation text; choose another --calib-corpus")
-        table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress)
+        kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
+        table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
     runs: list[tuple[Optional[Budget], str]] = []
     if include_dense:
         runs.append((None, "dense"))

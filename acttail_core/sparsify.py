@@ -15,7 +15,14 @@ Two modes (METHOD.md section 1):
   tensor: the selection is done once per distinct input and keep count.
 * ``threshold`` (TEAL): one magnitude threshold per projection, calibrated on
   sample text (``calibrate_thresholds``) so that the expected fraction of zeros
-  equals the budget; the mask is a single fused ``hardshrink``.
+  equals the budget; the mask is a single fused ``hardshrink``. Measured on
+  SmolLM2-135M (2048 calibration tokens of asyoulik, 2048 held-out tokens of
+  alice29, budgets at 0.5 and 0.7): the parameter-weighted realized sparsity is
+  within 0.6 points of the budget and q/k/v/gate/up/down within 1.4 points on
+  average (3.7 at worst), but o_proj misses by 2.3 points on average and up to
+  8: its input, an attention-weighted mean of v, depends on the position in the
+  chunk and on the text, which one scalar threshold cannot follow. TopK has no
+  such drift.
 
 Realized sparsity is counted on the device (int64 counters, one reduction per
 call) and only synchronised when read through ``SparsityStats``.

@@ -58,7 +58,7 @@ def test_eval_budget_file_threshold_and_bench_on_tiny_model(tiny_env, capsys):
     results = tiny_env / "r.json"
     code, out, err = run(
         ["eval", "--model", model, "--budget", str(budget), "--uniform", "--corpus", str(tiny_env / "eval.txt"),
-         "--seqlen", "64", "--max-tokens", "256", "--mode", "threshold", "--calib-corpus", str(tiny_env / "calib.txt"),
+         "--seqlen", "64", "--max-tokens", "256", "--mode", "threshold", "--calib-corpus", str(tiny_env / "calib.txt"), "--calib-tokens", "512",
          "--out", str(results)], capsys,
     )
     assert code == 0, err
