@@ -156,18 +156,10 @@ def _uploaded_budget(ctx: AppContext) -> Budget | None:
 
 @st.fragment
 @guarded
-def allocation_fragment(ctx: AppContext) -> None:
+def allocation_fragment(ctx: AppContext, uploaded: Budget | None) -> None:
+    """Sliders -> engine -> charts. ``uploaded`` (validated outside, since an upload is rare) overrides the sliders."""
     started = time.perf_counter()
-    controls = st.container()
-    results = st.container()
-    files = st.container(border=True)
-    with files:
-        upload_col, download_col = st.columns([1.3, 1])
-        with upload_col:
-            uploaded = _uploaded_budget(ctx)
-    with controls:
-        _controls(disabled=uploaded is not None)
-
+    _controls(disabled=uploaded is not None)
     if uploaded is not None:
         budget = uploaded
         target = budget.target_sparsity
@@ -182,55 +174,52 @@ def allocation_fragment(ctx: AppContext) -> None:
     st.session_state["current_budget"] = budget
     st.session_state["current_budget_label"] = describe(budget)
 
-    with results:
-        sparsities = [entry.sparsity for entry in budget.projections]
-        metrics = st.columns([1, 1.5, 1.1, 1])
-        metrics[0].metric("Target sparsity", f"{target:.4f}")
-        metrics[1].metric(
-            "Effective sparsity (param-weighted)",
-            f"{budget.effective_sparsity:.4f}",
-            help="sum(params x sparsity) / sum(params) over all projections: the share of weight reads a sparse kernel "
-            "skips. The engine makes it equal the target.",
-        )
-        metrics[2].metric("Per-projection range", f"{min(sparsities):.3f} - {max(sparsities):.3f}")
-        metrics[3].metric("Method", budget.method, help=f"This budget: {describe(budget)}")
-        left, right = st.columns(2)
-        heatmap_height = max(420, 16 * len({e.layer for e in budget.projections}) + 140)
-        with left:
-            st.plotly_chart(
-                charts.sparsity_heatmap(budget, f"Budget: {describe(budget)}", heatmap_height),
-                key="budget_heatmap",
-                config=charts.plotly_config("acttail-budget-heatmap"),
-            )
-        with right:
-            st.plotly_chart(
-                charts.sparsity_heatmap(uniform, f"Uniform at {target:.2f}", heatmap_height),
-                key="uniform_heatmap",
-                config=charts.plotly_config("acttail-uniform-heatmap"),
-            )
+    sparsities = [entry.sparsity for entry in budget.projections]
+    metrics = st.columns([1, 1.5, 1.1, 1])
+    metrics[0].metric("Target sparsity", f"{target:.4f}")
+    metrics[1].metric(
+        "Effective sparsity (param-weighted)",
+        f"{budget.effective_sparsity:.4f}",
+        help="sum(params x sparsity) / sum(params) over all projections: the share of weight reads a sparse kernel "
+        "skips. The engine makes it equal the target.",
+    )
+    metrics[2].metric("Per-projection range", f"{min(sparsities):.3f} - {max(sparsities):.3f}")
+    metrics[3].metric("Method", budget.method, help=f"This budget: {describe(budget)}")
+    left, right = st.columns(2)
+    heatmap_height = max(420, 16 * len({e.layer for e in budget.projections}) + 140)
+    with left:
         st.plotly_chart(
-            charts.mean_sparsity_by_type({describe(budget): budget, "uniform": uniform}),
-            key="sparsity_by_type",
-            config=charts.plotly_config("acttail-sparsity-by-type"),
+            charts.sparsity_heatmap(budget, f"Budget: {describe(budget)}", heatmap_height),
+            key="budget_heatmap",
+            config=charts.plotly_config("acttail-budget-heatmap"),
         )
-
-    with download_col:
-        st.download_button(
-            "Download budget JSON",
-            budget.to_json().encode(),
-            file_name=f"acttail-budget-{budget.method}-{target:.2f}.json",
-            mime="application/json",
-            on_click="ignore",
-            key="download_budget",
-            help="The budget in the engine's versioned schema; `python -m acttail_core eval --budget FILE` reads it.",
-            icon=":material/download:",
+    with right:
+        st.plotly_chart(
+            charts.sparsity_heatmap(uniform, f"Uniform at {target:.2f}", heatmap_height),
+            key="uniform_heatmap",
+            config=charts.plotly_config("acttail-uniform-heatmap"),
         )
-        st.markdown("Link to this view:")
-        st.code(share_link(), language=None, wrap_lines=True)
-
+    st.plotly_chart(
+        charts.mean_sparsity_by_type({describe(budget): budget, "uniform": uniform}),
+        key="sparsity_by_type",
+        config=charts.plotly_config("acttail-sparsity-by-type"),
+    )
+    download_col, link_col = st.columns([1, 2.2], vertical_alignment="center")
+    download_col.download_button(
+        "Download budget JSON",
+        # Deferred: the JSON is built only when clicked, not on every slider move.
+        lambda chosen=budget: chosen.to_json(),
+        file_name=f"acttail-budget-{budget.method}-{target:.2f}.json",
+        mime="application/json",
+        on_click="ignore",
+        key="download_budget",
+        help="The budget in the engine's versioned schema; `python -m acttail_core eval --budget FILE` reads it.",
+        icon=":material/download:",
+    )
+    link_col.code(share_link(), language=None, wrap_lines=True)
     elapsed_ms = (time.perf_counter() - started) * 1000
     st.session_state["allocation_render_ms"] = elapsed_ms
-    st.caption(f"Allocation and charts took {elapsed_ms:.0f} ms (server side).")
+    st.caption(f"Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
 
 
 def render(ctx: AppContext) -> None:
@@ -239,4 +228,9 @@ def render(ctx: AppContext) -> None:
         "Each projection gets its own sparsity; their parameter-weighted mean is exactly the target. "
         "The left heatmap is the budget from the settings, the right one uniform at the same target (same colour scale)."
     )
-    allocation_fragment(ctx)
+    live = st.container()
+    # Outside the fragment: an upload is rare and reruns the page; slider moves then skip the uploader.
+    with st.container(border=True):
+        uploaded = _uploaded_budget(ctx)
+    with live:
+        allocation_fragment(ctx, uploaded)
