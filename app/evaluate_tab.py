@@ -26,6 +26,10 @@ from app.state import AppContext, StreamlitProgress, gpu_available, guarded, his
 CPU_DEFAULT_TOKENS = 512
 GPU_DEFAULT_TOKENS = 16384
 TEXT_FILE = "text file"
+HISTORY_COLUMNS = (
+    "run", "kind", "label", "ppl", "prefill_tokens_per_s", "decode_tokens_per_s", "tokens", "realized_sparsity",
+    "target_sparsity", "corpus", "mode", "model", "device",
+)
 
 
 def evaluation_engine() -> Optional[dict[str, ModuleType]]:
@@ -166,7 +170,7 @@ def _show_latest(rows: list[dict]) -> None:
     kind = frame["kind"].iloc[0]
     run = int(frame["run"].iloc[0])
     st.markdown(f"**Run {run}** ({kind})")
-    table_col, chart_col = st.columns([1, 1])
+    table_col, chart_col = st.columns([1.3, 1])
     if kind == "perplexity":
         shown = [c for c in ("label", "ppl", "nll", "tokens", "realized_sparsity", "seconds") if c in frame]
         table_col.dataframe(frame[shown], hide_index=True, width="stretch")
@@ -183,6 +187,9 @@ def _show_history() -> None:
         st.caption("No runs yet in this session. Each run adds rows here, so you can compare allocations.")
         return
     frame = pd.DataFrame(rows)
+    # Results first, provenance after: the table is read left to right.
+    first = [c for c in HISTORY_COLUMNS if c in frame]
+    frame = frame[first + [c for c in frame.columns if c not in first]]
     st.markdown(f"**Run history** ({frame['run'].nunique()} runs this session)")
     if (frame["kind"] == "perplexity").any():
         st.plotly_chart(charts.history_chart(frame), key="history_chart", config=charts.plotly_config("acttail-run-history"))
