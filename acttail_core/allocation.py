@@ -19,7 +19,7 @@ Methods
 -------
 ``uniform``: ``s_i = s``.
 
-``acttail`` (temperature ``T >= 0``): the fraction of inputs kept is
+``acttail`` (temperature ``T >= 0``, default 0.15): the fraction of inputs kept is
 log-linear in the score,
 
     keep_i = clip(c * exp(-T * score_i), 1 - upper, 1 - lower),  s_i = 1 - keep_i,
@@ -58,10 +58,17 @@ MAX_TARGET = 0.95
 
 @dataclass(frozen=True)
 class AllocationSettings:
-    """How alpha becomes budget. Defaults: see the README's study section for the evidence."""
+    """How alpha becomes budget.
+
+    The defaults (acttail, keep-light, projection, T = 0.15, with the ``mid``
+    xmin rule of ``spectra.DEFAULT_RULE``) won the allocation study's selection
+    on lcet10 over SmolLM2-135M and Gemma-3-270M at sparsities 0.5-0.8
+    (bench/results/study/report.md): the HT-SR reading (keep-heavy) lost to
+    uniform there, as METHOD.md section 3 also found.
+    """
 
     method: str = "acttail"
-    temperature: float = 1.0
+    temperature: float = 0.15
     eps: float = 0.3
     direction: str = "keep-light"
     group: str = "projection"

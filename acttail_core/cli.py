@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: bool = True) -> None:
     from .allocation import DIRECTIONS, GROUPS, AllocationSettings
-    from .spectra import XMIN_RULES
+    from .spectra import DEFAULT_RULE, XMIN_RULES
 
     defaults = AllocationSettings()
     if with_sparsity:
@@ -37,7 +37,7 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
     parser.add_argument("--eps", type=float, default=defaults.eps, help="linear (AlphaPruning) map: spread in [0, 1)")
     parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
     parser.add_argument("--group", default=defaults.group, choices=GROUPS)
-    parser.add_argument("--rule", default="ks", choices=XMIN_RULES, help="xmin rule of the power-law fit")
+    parser.add_argument("--rule", default=DEFAULT_RULE, choices=XMIN_RULES, help="xmin rule of the power-law fit")
     parser.add_argument("--lower", type=float, default=defaults.lower, help="lowest sparsity any projection may get")
     parser.add_argument("--upper", type=float, default=defaults.upper, help="highest sparsity any projection may get")
 
@@ -73,10 +73,10 @@ def print_table(frame, title: str = "") -> None:
 
 
 def _spectra_arguments(parser: argparse.ArgumentParser) -> None:
-    from .spectra import BACKENDS, XMIN_RULES
+    from .spectra import BACKENDS, DEFAULT_RULE, XMIN_RULES
 
     add_model_arguments(parser)
-    parser.add_argument("--rule", default="ks", choices=XMIN_RULES)
+    parser.add_argument("--rule", default=DEFAULT_RULE, choices=XMIN_RULES, help="ks = weightwatcher's default fit")
     parser.add_argument("--backend", default="acttail", choices=BACKENDS, help="weightwatcher: the reference implementation (slow)")
     parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     parser.add_argument("--out", default=None, help="write the spectra (with eigenvalues) to this JSON file")

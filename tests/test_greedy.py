@@ -1,0 +1,70 @@
+"""Greedy baseline: exact target, cheap projections sparsified first, per-layer scope, cached curves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from acttail_core import greedy
+from acttail_core.errors import ActTailError
+from acttail_core.greedy import ErrorCurves, LEVELS, greedy_budget, greedy_sparsities
+from acttail_core.projections import Projection
+
+
+def synthetic_curves(costs: list[float], layers: list[int]) -> ErrorCurves:
+    projections = [Projection(f"model.layers.{l}.p{i}", l, "q", 64, 64) for i, l in enumerate(layers)]
+    errors = np.array([[c * level**2 for level in LEVELS] for c in costs])
+    return ErrorCurves(projections, LEVELS.copy(), errors, "synthetic", 0)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.13, 0.5, 0.77, 0.95])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_exact_target_and_bounds(target, scope) -> None:
+    curves = synthetic_curves([1.0, 3.0, 0.5, 10.0], [0, 0, 1, 1])
+    s = greedy_sparsities(curves, target, scope)
+    assert abs(s.mean() - target) < 1e-9  # equal sizes: weighted mean = mean
+    assert np.all(s >= 0) and np.all(s <= LEVELS[-1] + 1e-12)
+    if scope == "layer":
+        assert abs(s[:2].mean() - target) < 1e-9 and abs(s[2:].mean() - target) < 1e-9
+
+
+def test_cheaper_projection_gets_more_sparsity() -> None:
+    curves = synthetic_curves([1.0, 8.0], [0, 0])
+    s = greedy_sparsities(curves, 0.5, "global")
+    assert s[0] > s[1]
+
+
+def test_rejects_out_of_range_target() -> None:
+    with pytest.raises(ActTailError, match="greedy allocation supports"):
+        greedy_sparsities(synthetic_curves([1.0], [0]), 0.97)
+    with pytest.raises(ActTailError, match="scope"):
+        greedy_sparsities(synthetic_curves([1.0], [0]), 0.5, "row")
+
+
+def test_tiny_model_budget_and_cache(tiny_loaded, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    import shutil
+
+    from acttail_core.corpora import demo_dir, ensure_demo_corpus
+
+    # reuse the demo corpus of the real cache (set-up downloaded it) instead of downloading again
+    monkeypatch.undo()
+    real = ensure_demo_corpus()
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    shutil.copytree(real, demo_dir())
+
+    calls = {"n": 0}
+    original = greedy._capture_inputs
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(greedy, "_capture_inputs", counting)
+    budget = greedy_budget(tiny_loaded, 0.6, tokens=128)
+    assert budget.method == "greedy" and abs(budget.effective_sparsity - 0.6) < 1e-6
+    assert len(budget.projections) == 14
+    curves = greedy.measure_error_curves(tiny_loaded, tokens=128)
+    assert calls["n"] == 1, "second measurement should come from the cache"
+    assert np.all(curves.errors[:, 0] == 0) and np.all(curves.errors[:, -1] > curves.errors[:, 1])
+    # more inputs zeroed never loses less output energy on the same tokens
+    assert np.all(np.diff(curves.errors, axis=1) >= -1e-6)
