@@ -9,13 +9,16 @@ from app.state import AppContext, projection_table
 def render(ctx: AppContext) -> None:
     summary = ctx.loaded.summary()
     st.subheader(f"Model: {summary['name']}")
-    columns = st.columns([1.6, 0.8, 1, 1.1, 0.8, 0.9])
-    columns[0].metric("Architecture", summary["architecture"], help=f"model_type = {summary['model_type']}")
-    columns[1].metric("Layers", summary["layers"], help="decoder layers")
-    columns[2].metric("Projections", len(ctx.projections), help="linear layers whose inputs are sparsified (7 per layer for Llama-like models)")
-    columns[3].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M", help=f"{summary['parameters']:,} parameters in total")
-    columns[4].metric("Device", summary["device"], help="where the weights live; choose it in the sidebar")
-    columns[5].metric("dtype", summary["dtype"])
+    st.markdown(
+        f"Architecture **{summary['architecture']}** (model_type `{summary['model_type']}`, "
+        f"hidden size {summary['hidden_size']})"
+    )
+    columns = st.columns(5)
+    columns[0].metric("Layers", summary["layers"], help="decoder layers")
+    columns[1].metric("Projections", len(ctx.projections), help="linear layers whose inputs are sparsified (7 per layer for Llama-like models)")
+    columns[2].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M", help=f"{summary['parameters']:,} parameters in total")
+    columns[3].metric("Device", summary["device"], help="where the weights live; choose it in the sidebar")
+    columns[4].metric("dtype", summary["dtype"], help="auto = float32 on CPU, bfloat16 on GPU")
     st.caption(
         f"Source: `{ctx.loaded.source}` · weight fingerprint `{summary['fingerprint']}` "
         "(budget files remember it, so a budget made for other weights is flagged)"
