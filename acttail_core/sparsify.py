@@ -180,7 +180,10 @@ class _Masker:
                 ordered = cache["sorted"] = a.sort(dim=-1, descending=True).values
             return ordered[..., keep - 1 : keep]
         if impl == "kthvalue":
-            return a.kthvalue(a.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+            try:
+                return a.kthvalue(a.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+            except (RuntimeError, NotImplementedError):  # a build without a half-precision kthvalue kernel
+                return a.float().kthvalue(a.shape[-1] - keep + 1, dim=-1, keepdim=True).values.to(a.dtype)
         return a.topk(keep, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
 
     def apply(self, rule: _Rule, x: torch.Tensor) -> Optional[torch.Tensor]:
