@@ -152,6 +152,10 @@ def _eval_run(args: argparse.Namespace) -> int:
         f"{loaded.name} on {args.corpus}: {args.mode} sparsity, {results[-1].tokens} tokens scored in {seqlen}-token chunks "
         f"({PPL_CONVENTION})",
     )
+    for result in results:
+        if result.method != "dense":
+            name, gap = result.worst_projection()
+            print(f"{result.method}: realized sparsity of every projection measured; furthest from its budget: {name} ({gap:+.4f})")
     if args.out:
         config = _config(args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens)
         config["ppl_convention"] = PPL_CONVENTION

@@ -20,7 +20,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -52,9 +52,23 @@ class PerplexityResult:
     tokens: int  # tokens scored
     realized_sparsity: float
     seconds: float
+    # realized sparsity of every projection (not part of as_dict, whose keys are the results JSON schema)
+    per_projection: Optional[dict] = field(default=None, repr=False, compare=False)
+    targets: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("per_projection")
+        data.pop("targets")
+        return data
+
+    def worst_projection(self) -> tuple[str, float]:
+        """The projection whose realized sparsity is furthest from its budget, and that distance."""
+        if not self.per_projection:
+            return ("", 0.0)
+        targets = self.targets or {}
+        name = max(self.per_projection, key=lambda n: abs(self.per_projection[n] - targets.get(n, 0.0)))
+        return name, self.per_projection[name] - targets.get(name, 0.0)
 
 
 @dataclass
@@ -202,6 +216,7 @@ def perplexity(
         total = _nll_batches(model, chunks, device, batch_size, device.type == "cuda", progress, label)
         _synchronize(model)
         realized = stats.overall()
+        per_projection = stats.per_projection()
     seconds = time.perf_counter() - start
     scored = n_chunks * (seqlen - 1)
     nll = total / scored
@@ -213,6 +228,8 @@ def perplexity(
         tokens=scored,
         realized_sparsity=realized,
         seconds=seconds,
+        per_projection=per_projection,
+        targets=dict(stats.targets),
     )
 
 

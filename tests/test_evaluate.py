@@ -116,3 +116,13 @@ def test_default_model_perplexity_matches_transformers(default_loaded):
     result = perplexity(default_loaded, chunks)
     assert result.tokens == 254
     assert result.ppl == pytest.approx(hf_ppl(default_loaded.model, chunks), rel=1e-4)
+
+
+def test_results_carry_per_projection_sparsity_outside_the_json_keys(tiny_loaded):
+    chunks = tokenize_corpus(tiny_loaded, TEXT, seqlen=64, max_tokens=64)
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    result = perplexity(tiny_loaded, chunks, budget)
+    assert len(result.per_projection) == len(budget.projections)
+    name, gap = result.worst_projection()
+    assert name in result.per_projection and abs(gap) <= 0.5 / 64 + 1 / 64  # rounding, and ties at position 0 of o
+    assert "per_projection" not in result.as_dict() and "targets" not in result.as_dict()
