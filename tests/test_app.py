@@ -287,3 +287,39 @@ def test_evaluate_error_is_shown_not_raised(tiny_model_dir):
     assert not at.exception
     assert len(at.error) == 1 and "Hint" in at.error[0].value
     assert at.session_state["run_history"] == []
+
+
+def test_greedy_comparison_when_the_engine_offers_it(tiny_model_dir, monkeypatch):
+    import acttail_core.evaluate as evaluate
+    import acttail_core.greedy as greedy
+    from acttail_core.budget import make_budget
+
+    def fake_greedy(loaded, sparsity, alphas=None, progress=None, **_):
+        from acttail_core.projections import find_projections
+
+        projections = find_projections(loaded.model)
+        return make_budget(projections, [sparsity] * len(projections), model_name=loaded.name,
+                           model_fingerprint=loaded.fingerprint, method="greedy", target_sparsity=sparsity)
+
+    def fake_compare(loaded, budget, include_dense=True, include_uniform=True, max_tokens=None, **_):
+        methods = ["dense"] * include_dense + ["uniform"] * include_uniform + [budget.method]
+        return [FakeResult(method=m, sparsity=budget.target_sparsity, ppl=12.0, nll=2.5, tokens=max_tokens,
+                           realized_sparsity=budget.target_sparsity, seconds=0.1) for m in methods]
+
+    monkeypatch.setattr(greedy, "greedy_budget", fake_greedy)
+    monkeypatch.setattr(evaluate, "compare", fake_compare)
+    at = run_app(model="local directory", path=str(tiny_model_dir), tab="Evaluate")
+    at.checkbox(key="eval_greedy").check()
+    at.button(key="run_perplexity").click().run()
+    assert_clean(at)
+    assert [row["method"] for row in at.session_state["run_history"]] == ["dense", "uniform", "acttail", "greedy"]
+
+
+def test_evaluate_tab_explains_a_missing_engine(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "acttail_core.evaluate", None)  # makes `import acttail_core.evaluate` fail
+    at = run_app(tab="Evaluate")
+    assert not at.exception and not at.error
+    assert any("evaluation engine" in info.value for info in at.info)
+    assert metric(at, "Effective sparsity") == "0.5000"  # the other tabs still work
