@@ -79,7 +79,7 @@ def _controls(disabled: bool) -> None:
         0.0,
         5.0,
         float(DEFAULTS.temperature),
-        0.1,
+        0.05,
         key="temperature",
         bind="query-params",
         disabled=disabled or method_now != "acttail",

@@ -16,7 +16,7 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from acttail_core.spectra import XMIN_RULES  # noqa: E402
+from acttail_core.spectra import DEFAULT_RULE, XMIN_RULES  # noqa: E402
 from app import allocation_tab, evaluate_tab, model_tab, spectra_tab, state  # noqa: E402
 
 TABS = ("Model", "Spectra", "Allocation", "Evaluate")
@@ -43,11 +43,12 @@ def sidebar() -> None:
         st.selectbox(
             "xmin rule",
             XMIN_RULES,
+            index=XMIN_RULES.index(DEFAULT_RULE),
             key="rule",
             bind="query-params",
             help="Where the power-law tail starts. ks: minimise the KS distance (weightwatcher's default). "
             "peak: near the peak of the log-ESD (AlphaPruning). mid: the median eigenvalue (PL_Alpha_Hill). "
-            "It changes alpha, so it also changes the allocation.",
+            f"It changes alpha, so it also changes the allocation. Default: {DEFAULT_RULE} (chosen by the allocation study).",
         )
         st.divider()
         st.caption("Every setting is kept in the page URL: copy it to share this view.")
@@ -65,7 +66,7 @@ def main() -> None:
     if request is None:
         st.info("Enter a path or hub id in the sidebar and press Enter to load it.")
         return
-    ctx = state.load_context(request, st.session_state.get("rule", XMIN_RULES[0]))
+    ctx = state.load_context(request, st.session_state.get("rule", DEFAULT_RULE))
     if ctx is None:
         return
     # Switching tabs reruns the app (bind), so every tab shows the latest budget; the tab is in the URL too.

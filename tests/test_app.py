@@ -94,11 +94,11 @@ def test_spectra_tab_heatmap_esd_and_csv(default_loaded):
 
 
 def test_xmin_rule_is_selectable():
-    at = run_app(rule="mid")
+    at = run_app(rule="ks")
     assert_clean(at)
-    assert at.sidebar.selectbox(key="rule").value == "mid"
+    assert at.sidebar.selectbox(key="rule").value == "ks"
     budget = at.session_state["current_budget"]
-    assert budget.xmin_rule == "mid"
+    assert budget.xmin_rule == "ks"
 
 
 # --------------------------------------------------------------------------- Allocation tab
