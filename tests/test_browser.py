@@ -170,6 +170,7 @@ def test_dashboard_end_to_end(app_url, browser, shots):
         # Hover first: the tooltip proves plotly's event handlers are attached before we click.
         page.mouse.move(*cell)
         heatmap.locator(".hoverlayer .hovertext", has_text="layer 14").wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)  # plotly may still be re-laying out the newly shown tab; a click then is lost
         page.mouse.click(*cell)
         try:
             esd_title.wait_for(timeout=10_000)
@@ -234,14 +235,24 @@ def test_dashboard_end_to_end(app_url, browser, shots):
     assert _metric_value(shared, "Method") == "linear"
     shared.close()
 
-    # Evaluate tab: a quick perplexity run on the demo text (small token count on CPU).
+    # Evaluate tab: quick perplexity runs on the demo text (small token count on CPU) accumulate in the history.
     evaluate = _open_tab(page, "Evaluate")
     tokens = evaluate.get_by_role("spinbutton", name="Tokens", exact=True)
     tokens.fill("256")
     tokens.press("Enter")
     evaluate.get_by_role("button", name="Run perplexity").click()
-    evaluate.get_by_text("Run history", exact=False).first.wait_for(timeout=180_000)
+    evaluate.get_by_text("Run history (1 runs", exact=False).first.wait_for(timeout=180_000)
+    # A second allocation (higher temperature) to compare with.
+    allocation = _open_tab(page, "Allocation")
+    temperature = allocation.get_by_role("slider", name="Allocation temperature")
+    temperature.focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    allocation.locator('[data-testid="stCode"]', has_text="temperature=0.3").wait_for(timeout=30_000)
+    evaluate = _open_tab(page, "Evaluate")
+    evaluate.get_by_role("button", name="Run perplexity").click()
+    evaluate.get_by_text("Run history (2 runs", exact=False).first.wait_for(timeout=180_000)
     evaluate.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
-    assert evaluate.locator('[data-testid="stAlert"]').filter(has_text="error").count() == 0
+    assert evaluate.locator('[data-testid="stAlert"]').filter(has_text="rror").count() == 0
     _save(page, shots, "evaluate")
     context.close()
