@@ -118,8 +118,21 @@ def _wikitext2(role: str) -> str:
         import datasets  # noqa: F401
     except ImportError:
         raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use --corpus demo)") from None
+    from .models import _hub_reachable
+
     try:
-        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        if _hub_reachable():
+            data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        else:  # offline: only the local cache can serve it; asking the hub would retry for ~30 s
+            import datasets.config
+            from huggingface_hub import constants
+
+            saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+            try:
+                data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            finally:
+                datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
     except Exception as exc:  # offline, no cache, hub errors: all mean "not available here"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CorpusError(
