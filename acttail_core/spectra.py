@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -49,6 +50,7 @@ DEFAULT_RULE = "mid"
 BACKENDS = ("acttail", "weightwatcher")
 EVALS_THRESH = 1e-5
 SPECTRA_SCHEMA_VERSION = 1
+_SINGLE_THREAD_MAX_DIM = 1024  # CPU Gram matrices up to this size are decomposed on one thread
 _KS_CHUNK_ELEMENTS = 1 << 22  # candidates x eigenvalues evaluated at once (32 MiB in float64)
 
 
@@ -220,15 +222,34 @@ def compute_eigenvalues(
     out: list[Optional[np.ndarray]] = [None] * len(projections)
     first_weight = weight_of(model, projections[0])
     target = torch.device(device) if device else first_weight.device
-    done = 0
-    for batch in _batches(projections, target, max_batch_bytes):
-        stacked = torch.stack([weight_of(model, projections[i]).detach().to(target) for i in batch])
-        eigs = gram_eigenvalues(stacked).cpu().numpy()
-        for row, i in enumerate(batch):
-            out[i] = eigs[row]
-        done += len(batch)
-        report(progress, done, len(projections), f"eigenvalues {done}/{len(projections)}")
+    with _few_threads_for_small(projections, target):
+        done = 0
+        for batch in _batches(projections, target, max_batch_bytes):
+            stacked = torch.stack([weight_of(model, projections[i]).detach().to(target) for i in batch])
+            eigs = gram_eigenvalues(stacked).cpu().numpy()
+            for row, i in enumerate(batch):
+                out[i] = eigs[row]
+            done += len(batch)
+            report(progress, done, len(projections), f"eigenvalues {done}/{len(projections)}")
     return out  # type: ignore[return-value]
+
+
+@contextmanager
+def _few_threads_for_small(projections: Sequence[Projection], device: torch.device):
+    """One CPU thread while working on small matrices.
+
+    Multithreaded LAPACK and elementwise kernels gain little on Gram matrices this small and collapse
+    when the cores are busy (SmolLM2's 210 eigendecompositions: 6 s on one thread, 100 s on two
+    while another process ran).
+    """
+    small = max(min(p.shape) for p in projections) <= _SINGLE_THREAD_MAX_DIM
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def spectra_from_eigenvalues(
@@ -424,7 +445,8 @@ def compute_spectra(
     first = weight_of(loaded.model, projections[0])
     if (device or str(first.device)).startswith("cuda"):
         fit_device = device or str(first.device)
-    spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress)
+    with _few_threads_for_small(projections, torch.device(fit_device)):
+        spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress)
     if backend == "weightwatcher":
         for entry, fit in zip(spectra.entries, weightwatcher_fits(loaded.model, projections)):
             entry.alpha, entry.xmin, entry.tail_size, entry.ks_distance = fit.alpha, fit.xmin, fit.tail_size, fit.ks_distance
