@@ -84,7 +84,8 @@ def _spectra_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _spectra_run(args: argparse.Namespace) -> int:
     from .progress import TqdmProgress
-    from .spectra import compute_spectra, save_spectra
+    from .spectra import compute_spectra
+    from .spectra_io import save_spectra
 
     loaded = load_from_args(args)
     spectra = compute_spectra(loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra"))
@@ -121,7 +122,8 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
     from .allocation import allocate, check_target, AllocationSettings
     from .progress import TqdmProgress
-    from .spectra import check_spectra_match, compute_spectra, load_spectra
+    from .spectra import check_spectra_match, compute_spectra
+    from .spectra_io import load_spectra
 
     if args.method == "greedy":
         from .greedy import greedy_budget

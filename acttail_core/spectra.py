@@ -24,21 +24,16 @@ time, on CUDA batched over same-shape matrices.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .errors import ActTailError, SpectraError
-from .models import LoadedModel, cache_root
+from .models import LoadedModel
 from .progress import ProgressFn, report
 from .projections import Projection, find_projections, weight_of
 
@@ -49,7 +44,6 @@ XMIN_RULES = ("ks", "peak", "mid")
 DEFAULT_RULE = "mid"
 BACKENDS = ("acttail", "weightwatcher")
 EVALS_THRESH = 1e-5
-SPECTRA_SCHEMA_VERSION = 1
 _SINGLE_THREAD_MAX_DIM = 1024  # CPU Gram matrices up to this size are decomposed on one thread
 _KS_CHUNK_ELEMENTS = 1 << 22  # candidates x eigenvalues evaluated at once (32 MiB in float64)
 
@@ -315,109 +309,6 @@ def weightwatcher_fits(model: torch.nn.Module, projections: Sequence[Projection]
     ]
 
 
-# --------------------------------------------------------------------------- serialisation & cache
-
-
-def _encode(array: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(array, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _decode(text: str, count: int) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4")
-    if array.size != count:
-        raise ValueError(f"expected {count} eigenvalues, found {array.size}")
-    return array.astype(np.float32)
-
-
-def spectra_to_dict(spectra: Spectra) -> dict:
-    entries = []
-    for e in spectra.entries:
-        row = {k: v for k, v in asdict(e).items() if k != "eigenvalues"}
-        row["eigenvalues_f32_b64"] = _encode(e.eigenvalues)
-        entries.append(row)
-    return {
-        "schema_version": SPECTRA_SCHEMA_VERSION,
-        "kind": "acttail-spectra",
-        "model_name": spectra.model_name,
-        "fingerprint": spectra.fingerprint,
-        "rule": spectra.rule,
-        "backend": spectra.backend,
-        "entries": entries,
-    }
-
-
-def spectra_from_dict(data: dict) -> Spectra:
-    try:
-        if data.get("kind") != "acttail-spectra":
-            raise ValueError("not an ActTail spectra file")
-        if data.get("schema_version") != SPECTRA_SCHEMA_VERSION:
-            raise ValueError(f"schema_version {data.get('schema_version')!r}, expected {SPECTRA_SCHEMA_VERSION}")
-        entries = []
-        for row in data["entries"]:
-            row = dict(row)
-            eigs = _decode(row.pop("eigenvalues_f32_b64"), int(row["num_eigs"]))
-            entry = ProjectionSpectrum(eigenvalues=eigs, **row)
-            entries.append(entry)
-        if not entries:
-            raise ValueError("no entries")
-        return Spectra(data["model_name"], data["fingerprint"], data["rule"], data["backend"], entries)
-    except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
-        raise SpectraError(f"corrupt spectra file: {exc}") from exc
-
-
-def save_spectra(spectra: Spectra, path: str | Path) -> Path:
-    """Write atomically (temporary file, then rename): an interrupted write leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(spectra_to_dict(spectra), handle)
-    os.replace(tmp, path)
-    return path
-
-
-def load_spectra(path: str | Path) -> Spectra:
-    path = Path(path)
-    if not path.is_file():
-        raise SpectraError(f"spectra file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpectraError(f"corrupt spectra file {path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
-    if not isinstance(data, dict):
-        raise SpectraError(f"corrupt spectra file {path}: expected a JSON object")
-    return spectra_from_dict(data)
-
-
-def _cache_path(fingerprint: str, rule: str, backend: str) -> Path:
-    return cache_root() / "spectra" / f"{fingerprint}-{backend}-{rule}.json"
-
-
-def _cached(fingerprint: str, rule: str, backend: str, projections: Sequence[Projection]) -> Optional[Spectra]:
-    path = _cache_path(fingerprint, rule, backend)
-    if not path.exists():
-        return None
-    try:
-        spectra = load_spectra(path)
-    except SpectraError as exc:
-        log.warning("ignoring corrupt spectra cache %s (%s); recomputing", path, exc)
-        return None
-    if spectra.fingerprint != fingerprint or spectra.projections() != list(projections):
-        log.warning("spectra cache %s does not match the model; recomputing", path)
-        return None
-    return spectra
-
-
-def _cached_eigenvalues(fingerprint: str, projections: Sequence[Projection]) -> Optional[list[np.ndarray]]:
-    """Eigenvalues from any cached spectra of this model: they do not depend on the xmin rule."""
-    for backend in BACKENDS:
-        for rule in XMIN_RULES:
-            hit = _cached(fingerprint, rule, backend, projections)
-            if hit is not None:
-                return [e.eigenvalues.astype(np.float64) for e in hit.entries]
-    return None
-
-
 def compute_spectra(
     loaded: LoadedModel,
     rule: str = DEFAULT_RULE,
@@ -431,14 +322,16 @@ def compute_spectra(
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from .spectra_io import cache_path, cached_eigenvalues, cached_spectra, save_spectra
+
     projections = find_projections(loaded.model)
     fingerprint = loaded.fingerprint
     if use_cache:
-        hit = _cached(fingerprint, rule, backend, projections)
+        hit = cached_spectra(fingerprint, rule, backend, projections)
         if hit is not None:
             report(progress, len(projections), len(projections), "spectra from cache")
             return hit
-    eigenvalues = _cached_eigenvalues(fingerprint, projections) if use_cache else None
+    eigenvalues = cached_eigenvalues(fingerprint, projections) if use_cache else None
     if eigenvalues is None:
         eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress)
     fit_device = "cpu"
@@ -453,7 +346,7 @@ def compute_spectra(
         spectra.backend = "weightwatcher"
     if use_cache:
         try:
-            save_spectra(spectra, _cache_path(fingerprint, rule, backend))
+            save_spectra(spectra, cache_path(fingerprint, rule, backend))
         except OSError as exc:  # a read-only cache must not stop the analysis
             log.warning("could not write spectra cache: %s", exc)
     return spectra
@@ -529,8 +422,6 @@ __all__ = [
     "gram_eigenvalues",
     "compute_eigenvalues",
     "compute_spectra",
-    "save_spectra",
-    "load_spectra",
     "check_spectra_match",
     "finite_alpha",
     "esd_density",

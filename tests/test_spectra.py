@@ -9,13 +9,8 @@ import torch
 
 from acttail_core import spectra as spectra_mod
 from acttail_core.errors import ActTailError, SpectraError
-from acttail_core.spectra import (
-    compute_spectra,
-    fit_power_law,
-    gram_eigenvalues,
-    load_spectra,
-    save_spectra,
-)
+from acttail_core.spectra import compute_spectra, fit_power_law, gram_eigenvalues
+from acttail_core.spectra_io import load_spectra, save_spectra
 
 
 def pareto_sample(alpha: float, n: int, seed: int, xmin: float = 1.0) -> np.ndarray:
