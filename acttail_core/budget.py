@@ -27,6 +27,7 @@ Schema (``schema_version`` 1)::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -39,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import __version__
 from .errors import BudgetError
 from .projections import Projection
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 METHODS = ("uniform", "acttail", "linear", "greedy")
@@ -271,9 +274,7 @@ def check_budget_matches(budget: Budget, projections: Sequence[Projection], fing
             )
     if fingerprint is not None and budget.model_fingerprint != fingerprint:
         # Same architecture, other weights (e.g. a fine-tune): usable, but the alphas were not measured on it.
-        import logging
-
-        logging.getLogger(__name__).warning(
+        log.warning(
             "budget was made for weights %s, the loaded model is %s", budget.model_fingerprint, fingerprint
         )
 

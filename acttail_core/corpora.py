@@ -118,10 +118,10 @@ def _wikitext2(role: str) -> str:
         import datasets  # noqa: F401
     except ImportError:
         raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use --corpus demo)") from None
-    from .models import _hub_reachable
+    from .models import hub_reachable
 
     try:
-        if _hub_reachable():
+        if hub_reachable():
             data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
         else:  # offline: only the local cache can serve it; asking the hub would retry for ~30 s
             import datasets.config

@@ -266,7 +266,7 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
     raise ModelLoadError(f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint resolves and accepts a connection (False when offline)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -302,7 +302,7 @@ def load_model(
     if device == "auto":
         kwargs["device_map"] = "auto"
     report(progress, 0, 1, f"loading {ref}")
-    if not is_local and not _hub_reachable():
+    if not is_local and not hub_reachable():
         # Only a local HF cache can serve it; without this check huggingface_hub retries for ~25 s.
         kwargs["local_files_only"] = True
     try:

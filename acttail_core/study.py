@@ -131,6 +131,7 @@ class Study:
         self.log = RunLog(self.out / "runs.jsonl")
         self._loaded: dict = {}
         self._chunks: dict = {}
+        self._spectra: dict = {}  # (model, rule) -> Spectra: ~1000 allocations must not re-read the cache file
 
     # ------------------------------------------------------------------ helpers
     def model(self, ref: str):
@@ -139,6 +140,7 @@ class Study:
 
             self._loaded.clear()  # one model in memory at a time
             self._chunks.clear()
+            self._spectra.clear()
             self._loaded[ref] = load_model(ref, dtype=self.config.dtype, device=self.config.device)
         return self._loaded[ref]
 
@@ -164,7 +166,9 @@ class Study:
             from .greedy import greedy_budget
 
             return greedy_budget(loaded, sparsity, tokens=self.config.greedy_tokens)
-        return allocate(compute_spectra(loaded, rule=setting.rule), sparsity, setting.allocation())
+        if (ref, setting.rule) not in self._spectra:
+            self._spectra[(ref, setting.rule)] = compute_spectra(loaded, rule=setting.rule)
+        return allocate(self._spectra[(ref, setting.rule)], sparsity, setting.allocation())
 
     def run(self, ref: str, text: str, tokens: int, sparsity: float, setting: Setting, phase: str) -> dict:
         from .evaluate import perplexity
