@@ -238,7 +238,8 @@ def esd_figure(spectrum: ProjectionSpectrum) -> go.Figure:
         bargap=0,
         height=420,
         margin=dict(l=10, r=10, t=70, b=10),
-        legend=dict(orientation="h", yanchor="bottom", y=-0.3, x=0),
+        # inside the empty top-right corner (the bulk sits left, the tail low): below the plot it hid the axis title
+        legend=dict(yanchor="top", y=0.99, xanchor="right", x=0.99, bgcolor="rgba(255,255,255,0.8)"),
     )
     fig.update_xaxes(type="log", title_text="eigenvalue lambda of W^T W", exponentformat="power")
     fig.update_yaxes(type="log", title_text="density", exponentformat="power")
