@@ -1,0 +1,140 @@
+"""y += W x for decode, reading only the weight rows of the inputs that were kept.
+
+The weight is stored input-channel-major, ``wt = W.T`` ([in, out], rows contiguous), so the weights
+of one input channel are one contiguous row. ``select_group`` has already compacted the kept inputs
+of every projection into a list of indices and values whose length lives on the device. A program
+owns ``BLOCK_N`` output columns and one of ``split`` slices of the kept list; it gathers
+``BLOCK_K`` kept rows at a time (each a contiguous ``2 * BLOCK_N``-byte segment), multiplies by their
+values, and adds its partial sum into a float32 accumulator with atomics (split-K).
+
+Why this reads in proportion to what is kept: the loop runs over the compacted list, not over all
+input rows, so a projection at 80% sparsity issues a fifth of the loads. A kernel that walks every
+row and predicates the loads of zeroed inputs still pays for the walk, and on an H200 saturates
+well below the ideal speed-up.
+
+One launch serves a whole group: the output columns of q, k and v (or gate and up) are concatenated
+in ``wt``; every tile belongs to exactly one projection and reads that projection's own list, so the
+three budgets cost one launch and one pass over the shared input.
+
+Batch 1 accumulates ``w * x`` elementwise and reduces once at the end; batch > 1 uses ``tl.dot``
+with the batch padded to 16 rows, so the extra sequences cost almost nothing once a row is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import CompactLists
+
+
+@triton.jit
+def _gather_gemv_kernel(
+    wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, idx_stride_g, val_stride_g, val_stride_b,
+    y_ptr, stride_yb, n_rows, end0, end1, end2, tile1, tile2,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    part = tl.program_id(1)
+    g = (tile >= tile1).to(tl.int32) + (tile >= tile2).to(tl.int32)
+    col_start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
+    col_end = tl.where(g == 0, end0, tl.where(g == 1, end1, end2))
+    first_tile = tl.where(g == 0, 0, tl.where(g == 1, tile1, tile2))
+    cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < col_end
+    count = tl.load(count_ptr + g)
+    share = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
+    lo = part * share
+    hi = tl.minimum(lo + share, count)
+    idx_base = idx_ptr + g * idx_stride_g
+    val_base = val_ptr + g * val_stride_g
+    if USE_DOT:
+        seqs = tl.arange(0, BLOCK_B)
+        seq_in = seqs < n_rows
+        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_in = ks < hi
+            rows = tl.load(idx_base + ks, mask=k_in, other=0).to(tl.int64)
+            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                        other=0.0)
+            x = tl.load(val_base + seqs[:, None] * val_stride_b + ks[None, :], mask=seq_in[:, None] & k_in[None, :],
+                        other=0.0)
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
+        tl.atomic_add(y_ptr + seqs[:, None] * stride_yb + cols[None, :], acc, mask=seq_in[:, None] & col_in[None, :],
+                      sem="relaxed")
+    else:
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_in = ks < hi
+            rows = tl.load(idx_base + ks, mask=k_in, other=0).to(tl.int64)
+            x = tl.load(val_base + ks, mask=k_in, other=0.0).to(tl.float32)
+            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                        other=0.0)
+            acc2 += w.to(tl.float32) * x[:, None]
+        tl.atomic_add(y_ptr + cols, tl.sum(acc2, axis=0), mask=col_in, sem="relaxed")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 128
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4  # split-K is chosen so that tiles x split ~ this many programs per SM
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any small number
+
+
+class GatherGemv:
+    """One group's sparse GEMV with its launch geometry fixed up front (what a CUDA graph needs).
+
+    ``widths`` are the output widths of the group's projections (e.g. q, k, v) in the order of
+    their columns in ``wt``; ``expected_rows`` the kept inputs per projection the budget implies,
+    used only to size split-K.
+    """
+
+    def __init__(self, wt: torch.Tensor, widths: list[int], expected_rows: list[int], batch: int,
+                 config: GemvConfig = GemvConfig()) -> None:
+        if wt.stride(1) != 1:
+            raise ValueError("gather_gemv needs input-major weights with contiguous rows")
+        if not 1 <= len(widths) <= 3 or sum(widths) != wt.shape[1]:
+            raise ValueError(f"widths {widths} do not split the weight's {wt.shape[1]} output columns into 1-3 parts")
+        self.wt = wt
+        self.config = config
+        self.batch = batch
+        ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+        tiles = [triton.cdiv(w, config.block_n) for w in widths]
+        starts = [sum(tiles[:i]) for i in range(len(tiles))]
+        total_tiles = sum(tiles)
+        never = total_tiles + 1
+        self.ends = (ends + [ends[-1]] * 3)[:3]
+        self.tile_starts = ((starts[1:] + [never, never])[:2])
+        # split-K: enough programs to keep every SM streaming, but never slices shorter than one block
+        programs = config.programs_per_sm * _sm_count(wt.device)
+        longest = max(expected_rows) if expected_rows else wt.shape[0]
+        split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(max(longest, 1), config.block_k)))
+        self.split = triton.next_power_of_2(split) if split > 1 else 1
+        self.grid = (total_tiles, self.split)
+
+    def __call__(self, lists: CompactLists, y: torch.Tensor) -> None:
+        """y [B, out] (float32, zeroed or holding what to add to) += W x over the kept inputs."""
+        c = self.config
+        use_dot = self.batch > 1
+        _gather_gemv_kernel[self.grid](
+            self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count,
+            lists.idx.stride(0), lists.val.stride(0), lists.val.stride(1),
+            y, y.stride(0), self.batch, self.ends[0], self.ends[1], self.ends[2],
+            self.tile_starts[0], self.tile_starts[1],
+            SPLIT=self.split, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=use_dot,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
