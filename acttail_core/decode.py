@@ -33,7 +33,8 @@ import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from functools import partial
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from torch import nn
 from .budget import Budget
 from .errors import ActTailError
 from .kernels.attention import decode_attention
-from .kernels.gather_gemv import GatherGemv, GemvConfig
+from .kernels.gather_gemv import GatherGemv, GemvConfig, default_config
 from .kernels.select import (
     ACT_MUL, MODE_DENSE, MODE_THRESHOLD, MODE_TOPK, PLAIN, RESIDUAL_NORM, CompactLists, select_group, threshold_param,
 )
@@ -299,7 +300,7 @@ class Decoder:
                 "qkv": CompactLists(3, batch, d, dt, dev), "o": CompactLists(1, batch, q_width, dt, dev),
                 "gate_up": CompactLists(2, batch, d, dt, dev), "down": CompactLists(1, batch, self.inter, dt, dev),
             }
-            config_ = gemv_config or GemvConfig()
+            config_ = gemv_config or default_config(dev)
             self.gemvs = []
             for index, groups in enumerate(weights.groups):
                 per = {}
@@ -308,73 +309,41 @@ class Decoder:
                     per[group] = GatherGemv(groups[group], self.widths[group], expected, batch, config_)
                 self.gemvs.append(per)
         self._host_pos = 0
+        self._plan = self._build_plan()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph:
             self._capture()
 
     # ------------------------------------------------------------------ one step
-    def _select(self, group: str, layer: int, **kwargs) -> None:
+    def _select(self, group: str, layer: int, **kwargs) -> Callable[[], None]:
         if self.sparse:
             g_index = [g for g, _ in GROUPS].index(group)
-            select_group(mode=self.mode, params=self.params[layer, g_index], lists=self.lists[group],
-                         zero=self.out[group], eps=self.eps, style=self.family.norm_style,
-                         activation=self.activation, **kwargs)
+            kwargs.update(mode=self.mode, params=self.params[layer, g_index], lists=self.lists[group],
+                          zero=self.out[group])
         else:
-            select_group(mode=MODE_DENSE, eps=self.eps, style=self.family.norm_style, activation=self.activation,
-                         **kwargs)
+            kwargs.update(mode=MODE_DENSE)
+        return partial(select_group, eps=self.eps, style=self.family.norm_style, activation=self.activation,
+                       **kwargs)
 
-    def _gemv(self, group: str, layer: int, x: torch.Tensor) -> None:
+    def _gemv(self, group: str, layer: int, x: torch.Tensor) -> Callable[[], None]:
         if self.sparse:
-            self.gemvs[layer][group](self.lists[group], self.out[group])
-            return
+            return partial(self.gemvs[layer][group], self.lists[group], self.out[group])
         modules = _projection_modules(self.layers[layer])
-        for proj_type, out in zip(dict(GROUPS)[group], self.parts[group]):
-            torch.mm(x, modules[proj_type].weight.t(), out=out)
+        pairs = [(modules[t].weight, out) for t, out in zip(dict(GROUPS)[group], self.parts[group])]
 
-    def _norm_weight(self, layer: nn.Module, attr: Optional[str]) -> Optional[torch.Tensor]:
-        return getattr(layer, attr).weight if attr else None
+        def dense() -> None:
+            for weight, out in pairs:
+                torch.mm(x, weight.t(), out=out)
 
-    def _step(self) -> None:
-        fam = self.family
+        return dense
+
+    def _embed(self) -> None:
         torch.index_select(self.embed.weight, 0, self.tokens, out=self.h)
         if self.embed_scale is not None:
             self.h.mul_(self.embed_scale.to(self.dtype))
-        delta: Optional[torch.Tensor] = None
-        delta_norm: Optional[torch.Tensor] = None
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            self._select("qkv", index, prologue=RESIDUAL_NORM, x_out=self.x_d, h=self.h, a=delta,
-                         has_delta=delta is not None, norm_weight=layer.input_layernorm.weight,
-                         post_norm_weight=delta_norm)
-            self._gemv("qkv", index, self.x_d)
-            q, k, v = self.parts["qkv"]
-            cos, sin = self.rope[index]
-            decode_attention(
-                q=q, k=k, v=v,
-                k_cache=self.k_cache[index], v_cache=self.v_cache[index], out=self.attn_out, pos=self.pos,
-                cos=cos, sin=sin, scale=attn.scaling, n_heads=self.n_heads,
-                window=self.windows[index],
-                q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, v_bias=attn.v_proj.bias,
-                q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
-                k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
-                eps=self.eps, style=fam.norm_style,
-            )
-            if self.sparse:
-                self._select("o", index, prologue=PLAIN, a=self.attn_out, x_out=self.attn_out)
-            self._gemv("o", index, self.attn_out)
-            self._select("gate_up", index, prologue=RESIDUAL_NORM, x_out=self.x_d, h=self.h, a=self.parts["o"][0],
-                         has_delta=True, norm_weight=getattr(layer, fam.mlp_norm).weight,
-                         post_norm_weight=self._norm_weight(layer, fam.post_attention_norm))
-            self._gemv("gate_up", index, self.x_d)
-            gate, up = self.parts["gate_up"]
-            self._select("down", index, prologue=ACT_MUL, x_out=self.x_i, a=gate, b=up)
-            self._gemv("down", index, self.x_i)
-            delta = self.parts["down"][0]
-            delta_norm = self._norm_weight(layer, fam.post_mlp_norm)
-        select_group(prologue=RESIDUAL_NORM, mode=MODE_DENSE, x_out=self.x_d, h=self.h, a=delta, has_delta=True,
-                     norm_weight=self.base.norm.weight, post_norm_weight=delta_norm, eps=self.eps,
-                     style=fam.norm_style)
+
+    def _head(self) -> None:
         torch.mm(self.x_d, self.head.weight.t(), out=self.logits)
         if self.softcap:
             self.logits.div_(self.softcap).tanh_().mul_(self.softcap)
@@ -382,6 +351,70 @@ class Decoder:
         self.tokens.copy_(chosen)
         self.history.index_copy_(1, self.pos, chosen[:, None])
         self.pos.add_(1)
+
+    def _build_plan(self) -> list[tuple[str, Callable[[], None]]]:
+        """The step as a list of (phase, launch): phases are embed, select, gemv, attention and head."""
+        fam = self.family
+        plan: list[tuple[str, Callable[[], None]]] = [("embed", self._embed)]
+        delta: Optional[torch.Tensor] = None
+        delta_norm: Optional[torch.Tensor] = None
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self.parts["qkv"]
+            cos, sin = self.rope[index]
+            attention = partial(
+                decode_attention, q=q, k=k, v=v, k_cache=self.k_cache[index], v_cache=self.v_cache[index],
+                out=self.attn_out, pos=self.pos, cos=cos, sin=sin, scale=attn.scaling, n_heads=self.n_heads,
+                window=self.windows[index], q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias,
+                v_bias=attn.v_proj.bias, q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None, eps=self.eps, style=fam.norm_style,
+            )
+            gate, up = self.parts["gate_up"]
+            plan += [
+                ("select", self._select("qkv", index, prologue=RESIDUAL_NORM, x_out=self.x_d, h=self.h, a=delta,
+                                        has_delta=delta is not None, norm_weight=layer.input_layernorm.weight,
+                                        post_norm_weight=delta_norm)),
+                ("gemv", self._gemv("qkv", index, self.x_d)),
+                ("attention", attention),
+            ]
+            if self.sparse:  # the dense GEMV reads the attention output as it is
+                plan.append(("select", self._select("o", index, prologue=PLAIN, a=self.attn_out, x_out=self.attn_out)))
+            plan += [
+                ("gemv", self._gemv("o", index, self.attn_out)),
+                ("select", self._select("gate_up", index, prologue=RESIDUAL_NORM, x_out=self.x_d, h=self.h,
+                                        a=self.parts["o"][0], has_delta=True,
+                                        norm_weight=getattr(layer, fam.mlp_norm).weight,
+                                        post_norm_weight=self._norm_weight(layer, fam.post_attention_norm))),
+                ("gemv", self._gemv("gate_up", index, self.x_d)),
+                ("select", self._select("down", index, prologue=ACT_MUL, x_out=self.x_i, a=gate, b=up)),
+                ("gemv", self._gemv("down", index, self.x_i)),
+            ]
+            delta = self.parts["down"][0]
+            delta_norm = self._norm_weight(layer, fam.post_mlp_norm)
+        final_norm = partial(select_group, prologue=RESIDUAL_NORM, mode=MODE_DENSE, x_out=self.x_d, h=self.h,
+                             a=delta, has_delta=True, norm_weight=self.base.norm.weight, post_norm_weight=delta_norm,
+                             eps=self.eps, style=fam.norm_style)
+        plan += [("head", final_norm), ("head", self._head)]
+        return plan
+
+    @staticmethod
+    def _norm_weight(layer: nn.Module, attr: Optional[str]) -> Optional[torch.Tensor]:
+        return getattr(layer, attr).weight if attr else None
+
+    def _step(self) -> None:
+        for _, launch in self._plan:
+            launch()
+
+    def phase_graph(self, phase: str) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of only this phase's launches for one step (profiling: time its replays)."""
+        launches = [launch for name, launch in self._plan if name == phase]
+        if not launches:
+            raise ActTailError(f"unknown phase {phase!r}; phases: embed, select, gemv, attention, head")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            for launch in launches:
+                launch()
+        return graph
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream(self.device)

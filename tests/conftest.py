@@ -1,10 +1,18 @@
 """Shared fixtures: a tiny random Llama (fast, for unit tests) and the real default model (end to end)."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from acttail_core.models import LoadedModel, from_module
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels of the sparse decode path run under Triton's interpreter.
+    # It must be chosen before any kernel module is imported, hence here, first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from acttail_core.models import LoadedModel, from_module  # noqa: E402
 
 
 def byte_tokenizer():

@@ -91,7 +91,14 @@ class GemvConfig:
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number
+    return 1  # the interpreter runs programs one after another: fewer, larger programs are faster
+
+
+def default_config(device: torch.device) -> GemvConfig:
+    """Tiles for the device: the GPU default, or wide tiles and no split for the CPU interpreter (tests)."""
+    if device.type == "cuda":
+        return GemvConfig()
+    return GemvConfig(block_n=256, block_k=64, programs_per_sm=1)
 
 
 class GatherGemv:

@@ -1,0 +1,268 @@
+"""Decode speed of the CUDA-graphed step (acttail_core.decode): dense cuBLAS vs the sparse kernels.
+
+    # the benchmark of record: random Llama-2-7B shapes, bf16, batch 1 (and batch 4), one H200
+    python bench/bench_decode.py --synthetic llama2-7b --json bench/results/decode_h200.json
+    # also sweep the GEMV tiles and time every phase of the step on its own
+    python bench/bench_decode.py --synthetic llama2-7b --sweep --profile
+    # CPU smoke test of the same code (Triton interpreter; numbers meaningless)
+    TRITON_INTERPRET=1 python bench/bench_decode.py --synthetic tiny --device cpu --new-tokens 3 --repeats 1
+
+In one run: the device-to-device copy bandwidth (bytes read + written), the dense step's tokens/s
+and the weight bandwidth it achieves, uniform TopK budgets at 0.4-0.9, the engine's own acttail
+budgets at 0.5 and 0.8 (spectra of these weights -> allocation: random weights still give a
+non-uniform budget, which is what matters for speed), and batch 4. Every sparse configuration is
+timed against the dense step of the same run. ``achieved_gbps`` counts the weight bytes a step must
+read (kept input rows of every projection + the dense LM head) per second. ``--profile`` captures a
+graph of each phase alone (selects, GEMVs, attention, head) and reports its time per token and, for
+the GEMVs, its bandwidth against the copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from acttail_core.allocation import allocate, uniform_budget
+from acttail_core.decode import Decoder, input_major, measure_decode, time_decoder, weight_bytes_per_step
+from acttail_core.kernels.gather_gemv import GemvConfig, default_config
+from acttail_core.models import from_module, load_model
+from acttail_core.projections import find_projections
+from acttail_core.spectra import compute_spectra
+
+PRESETS = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama2-13b": (5120, 13824, 40, 40, 40, 32000),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "tiny": (128, 320, 2, 4, 2, 512),
+}
+SWEEP = [GemvConfig(n, k, w, s) for n, k, w, s in [
+    (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 32, 8, 4), (256, 16, 4, 3), (256, 32, 8, 3),
+    (64, 64, 4, 4), (128, 16, 4, 4),
+]]
+
+
+def synthetic(preset: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = PRESETS[preset]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=4096)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype directly: a 7B model in fp32 first doubles memory
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return from_module(model.eval().requires_grad_(False), None, name=f"random {preset}")
+
+
+def copy_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (median of 20 copies of 1 GiB)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2**29, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+def profile(decoder: Decoder, gemv_bytes: int, copy: float, replays: int = 50) -> dict:
+    """Per phase: ms per token when its launches alone replay as a graph (after a real step)."""
+    decoder.prefill(torch.zeros(decoder.batch, 4, dtype=torch.long))
+    out = {}
+    for phase in ("embed", "select", "gemv", "attention", "head"):
+        try:
+            graph = decoder.phase_graph(phase)
+        except Exception as exc:  # a phase with no launches (e.g. no selects in the dense step)
+            out[phase] = {"error": str(exc).splitlines()[0]}
+            continue
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / replays
+        out[phase] = {"ms_per_token": ms}
+        if phase == "gemv":
+            out[phase]["gbps"] = gemv_bytes / (ms / 1e3) / 1e9
+            out[phase]["fraction_of_copy"] = out[phase]["gbps"] / copy
+    decoder.reset()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--synthetic", choices=sorted(PRESETS), default=None)
+    source.add_argument("--model", default=None, help="a model reference (default, gemma3-270m, a directory, ...)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--uniform", default="0.4,0.5,0.7,0.8,0.9")
+    parser.add_argument("--acttail", default="0.5,0.8")
+    parser.add_argument("--batch", type=int, default=4, help="the batched comparison (dense vs uniform 0.5)")
+    parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
+    parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA GPU")
+    t0 = time.perf_counter()
+    loaded = synthetic(args.synthetic or "llama2-7b", args.device, dtype) if not args.model else \
+        load_model(args.model, dtype=args.dtype, device=args.device)
+    build_s = time.perf_counter() - t0
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    import triton
+
+    result: dict = {
+        "model": loaded.name, "gpu": gpu, "dtype": args.dtype, "torch": torch.__version__,
+        "triton": triton.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "configurations": [], "errors": [],
+    }
+    result["copy_gbps"] = copy_gbps(device)
+    print(f"{loaded.name} on {gpu}, {args.dtype}; built in {build_s:.1f} s; copy bandwidth "
+          f"{result['copy_gbps']:.0f} GB/s", flush=True)
+    projections = find_projections(loaded.model)
+    kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+
+    def record(speed, note=""):
+        row = speed.as_dict()
+        row["note"] = note
+        result["configurations"].append(row)
+        print(f"  {row['method']:<8} s={row['sparsity']:.3f} batch={row['batch']} {row['path']:<13} "
+              f"{row['tokens_per_s']:8.1f} tok/s  {row['achieved_gbps']:7.0f} GB/s {note}", flush=True)
+        return row
+
+    def attempt(label, fn):
+        try:
+            return fn()
+        except Exception as exc:  # keep going: one broken configuration must not lose the rest of the run
+            result["errors"].append({"what": label, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"  FAILED {label}: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+            return None
+
+    dense = attempt("dense", lambda: record(measure_decode(loaded, None, **kw)))
+    dense_b = attempt("dense batch", lambda: record(measure_decode(loaded, None, batch=args.batch, **kw)))
+    t0 = time.perf_counter()
+    spectra = attempt("spectra", lambda: compute_spectra(loaded))
+    result["spectra_s"] = time.perf_counter() - t0
+    budgets = [uniform_budget(projections, float(s), loaded.name, loaded.fingerprint)
+               for s in args.uniform.split(",") if s]
+    if spectra is not None:
+        budgets += [allocate(spectra, float(s)) for s in args.acttail.split(",") if s]
+
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    t0 = time.perf_counter()
+    with input_major(loaded.model) as weights:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result["conversion"] = {
+            "seconds": time.perf_counter() - t0, "weights_bytes": weights.bytes,
+            "peak_extra_bytes": weights.peak_extra_bytes,
+            "allocated_change_bytes": (torch.cuda.memory_allocated(device) - allocated) if device.type == "cuda" else 0,
+        }
+        print(f"input-major conversion: {result['conversion']}", flush=True)
+        config = default_config(device)
+        if args.sweep:
+            uniform_mid = [b for b in budgets if b.method == "uniform"]
+            probe = [uniform_mid[1], uniform_mid[3]] if len(uniform_mid) >= 4 else uniform_mid[:1]
+            sweep = []
+            for candidate in SWEEP:
+                speeds = attempt(f"sweep {candidate}", lambda: [
+                    measure_decode(loaded, b, weights=weights, prompt_len=8, new_tokens=64, repeats=3,
+                                   gemv_config=candidate).tokens_per_s for b in probe])
+                if speeds:
+                    score = statistics.geometric_mean(speeds)
+                    sweep.append({"config": candidate.__dict__, "tokens_per_s": speeds, "score": score})
+                    print(f"  sweep {candidate}: {[round(s, 1) for s in speeds]}", flush=True)
+            result["sweep"] = sweep
+            if sweep:
+                best = max(sweep, key=lambda r: r["score"])
+                config = GemvConfig(**best["config"])
+        result["gemv_config"] = config.__dict__
+        print(f"GEMV config: {config}", flush=True)
+        attempt("dense (input-major views)", lambda: record(measure_decode(loaded, None, **kw),
+                                                            "dense step on the converted (transposed-view) weights"))
+        for budget in budgets:
+            attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
+                measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
+        half = next((b for b in budgets if b.method == "uniform" and abs(b.effective_sparsity - 0.5) < 1e-9), None)
+        if half is not None:
+            attempt("batch uniform 0.5", lambda: record(
+                measure_decode(loaded, half, weights=weights, batch=args.batch, gemv_config=config, **kw)))
+        if args.profile and device.type == "cuda":
+            result["profile"] = {}
+            chosen = [None] + [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
+            for budget in chosen:
+                label = "dense" if budget is None else f"uniform {budget.effective_sparsity:.1f}"
+
+                def run_profile(budget=budget):
+                    decoder = Decoder(loaded, budget=budget, weights=weights if budget else None,
+                                      gemv_config=config, max_len=64)
+                    head = loaded.model.get_output_embeddings().weight
+                    gemv_bytes = weight_bytes_per_step(loaded, budget) - head.numel() * head.element_size()
+                    return profile(decoder, gemv_bytes, result["copy_gbps"])
+
+                result["profile"][label] = attempt(f"profile {label}", run_profile)
+                print(f"  profile {label}: {result['profile'][label]}", flush=True)
+
+    # speed-ups against the dense step of the same batch, measured in this run
+    base = {1: dense["tokens_per_s"] if dense else float("nan"),
+            args.batch: dense_b["tokens_per_s"] if dense_b else float("nan")}
+    for row in result["configurations"]:
+        row["speedup_vs_dense"] = row["tokens_per_s"] / base.get(row["batch"], float("nan"))
+    dense_bytes = weight_bytes_per_step(loaded, None)
+    result["bandwidth_bound_tokens_per_s"] = result["copy_gbps"] * 1e9 / dense_bytes
+    if dense:
+        result["dense_fraction_of_bound"] = dense["tokens_per_s"] / result["bandwidth_bound_tokens_per_s"]
+
+    print(f"\n{loaded.name}, {gpu}, {args.dtype}, copy {result['copy_gbps']:.0f} GB/s, bound "
+          f"{result['bandwidth_bound_tokens_per_s']:.0f} tok/s (dense at "
+          f"{result.get('dense_fraction_of_bound', float('nan')):.0%} of it)")
+    print(f"{'method':<8} | {'sparsity':>8} | {'batch':>5} | {'path':<13} | {'tok/s':>8} | {'vs dense':>8} | {'GB/s':>6}")
+    for row in result["configurations"]:
+        print(f"{row['method']:<8} | {row['sparsity']:8.3f} | {row['batch']:5d} | {row['path']:<13} | "
+              f"{row['tokens_per_s']:8.1f} | {row['speedup_vs_dense']:7.2f}x | {row['achieved_gbps']:6.0f} {row['note']}")
+    if result["errors"]:
+        print(f"{len(result['errors'])} errors: {[e['what'] for e in result['errors']]}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
