@@ -330,11 +330,14 @@ class Decoder:
         if self.sparse:
             return partial(self.gemvs[layer][group], self.lists[group], self.out[group])
         modules = _projection_modules(self.layers[layer])
-        pairs = [(modules[t].weight, out) for t, out in zip(dict(GROUPS)[group], self.parts[group])]
+        triples = [(modules[t].weight, modules[t].bias, out) for t, out in zip(dict(GROUPS)[group], self.parts[group])]
 
-        def dense() -> None:
-            for weight, out in pairs:
-                torch.mm(x, weight.t(), out=out)
+        def dense() -> None:  # the bias inside the GEMM, rounded once, as nn.Linear does
+            for weight, bias, out in triples:
+                if bias is None:
+                    torch.mm(x, weight.t(), out=out)
+                else:
+                    torch.addmm(bias, x, weight.t(), out=out)
 
         return dense
 
@@ -365,8 +368,7 @@ class Decoder:
             attention = partial(
                 decode_attention, q=q, k=k, v=v, k_cache=self.k_cache[index], v_cache=self.v_cache[index],
                 out=self.attn_out, pos=self.pos, cos=cos, sin=sin, scale=attn.scaling, n_heads=self.n_heads,
-                window=self.windows[index], q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias,
-                v_bias=attn.v_proj.bias, q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                window=self.windows[index], **self._qkv_biases(attn), q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                 k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None, eps=self.eps, style=fam.norm_style,
             )
             gate, up = self.parts["gate_up"]
@@ -396,6 +398,12 @@ class Decoder:
                              eps=self.eps, style=fam.norm_style)
         plan += [("head", final_norm), ("head", self._head)]
         return plan
+
+    def _qkv_biases(self, attn: nn.Module) -> dict:
+        """The sparse GEMVs leave float32 sums, to which attention adds the biases; cuBLAS already added them."""
+        if not self.sparse:
+            return {}
+        return {"q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias}
 
     @staticmethod
     def _norm_weight(layer: nn.Module, attr: Optional[str]) -> Optional[torch.Tensor]:

@@ -47,13 +47,18 @@ def run_select(x: torch.Tensor, params: list[int], mode: int = MODE_TOPK) -> Com
 
 
 def check_lists(lists: CompactLists, x: torch.Tensor, keeps: list[torch.Tensor]) -> None:
-    for g, keep in enumerate(keeps):  # keep: [B, n] bool, what every sequence keeps
-        union = keep.any(dim=0)
-        count = int(lists.count[g])
-        assert count == int(union.sum())
-        assert torch.equal(lists.idx[g, :count].long().cpu(), union.nonzero().flatten().cpu())
-        expected = torch.where(keep, x, torch.zeros_like(x))[:, union]
-        assert torch.equal(lists.val[g, :, :count], expected)
+    """The shared list holds every kept input once, with its raw values; each projection's prefix is
+    exactly the inputs some sequence keeps for it (for one sequence: exactly its TopK)."""
+    per_group = [keep.any(dim=0) for keep in keeps]  # [n] per projection: kept by some sequence
+    union = torch.stack(per_group).any(dim=0)
+    total = int(union.sum())
+    listed = lists.idx[:total].long()
+    assert sorted(listed.tolist()) == union.nonzero().flatten().tolist()
+    assert torch.equal(lists.val[:, :total], x[:, listed])
+    counts = lists.count.tolist()
+    for g, members in enumerate(per_group):
+        assert counts[g] == int(members.sum())
+        assert sorted(listed[: counts[g]].tolist()) == members.nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .select import _pdl_enter, use_pdl
+
 
 @triton.jit
 def _finish_heads(src_ptr, bias_ptr, norm_ptr, cos, sin, heads, head_in, d, d_rot, sign, eps,
@@ -55,8 +57,9 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qb_ptr, kb_ptr, vb_ptr, qn_ptr, kn_ptr, eps,
     cos_ptr, sin_ptr, kc_ptr, vc_ptr, out_ptr, out_stride, pos_ptr, scale, window, n_kv_heads, n_rep, t_max,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_NORM: tl.constexpr, STYLE: tl.constexpr,
+    HAS_NORM: tl.constexpr, STYLE: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     DT: tl.constexpr = out_ptr.dtype.element_ty
@@ -138,6 +141,7 @@ def decode_attention(
         raise ValueError(f"head_dim {head_dim} is not a power of two")
     n_rep = n_heads // n_kv
     dummy = out
+    pdl = use_pdl(out.device)
     _decode_attention_kernel[(batch, n_kv)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0),
         q_bias if q_bias is not None else dummy, k_bias if k_bias is not None else dummy,
@@ -146,5 +150,5 @@ def decode_attention(
         cos, sin, k_cache, v_cache, out, out.stride(0), pos, float(scale), int(window), n_kv, n_rep, t_max,
         HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=32,
         HAS_BIAS=q_bias is not None, HAS_NORM=q_norm is not None, STYLE=0 if style == "llama" else 1,
-        num_warps=4 if head_dim <= 128 else 8,
+        PDL=pdl, num_warps=4 if head_dim <= 128 else 8, **({"launch_pdl": True} if pdl else {}),
     )

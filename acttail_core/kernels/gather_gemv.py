@@ -27,16 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import CompactLists
+from .select import CompactLists, _pdl_enter, use_pdl
 
 
 @triton.jit
 def _gather_gemv_kernel(
-    wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, idx_stride_g, val_stride_g, val_stride_b,
+    wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, cut_ptr, val_stride_b,
     y_ptr, stride_yb, n_rows, end0, end1, end2, tile1, tile2,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     tile = tl.program_id(0)
     part = tl.program_id(1)
     g = (tile >= tile1).to(tl.int32) + (tile >= tile2).to(tl.int32)
@@ -45,24 +46,26 @@ def _gather_gemv_kernel(
     first_tile = tl.where(g == 0, 0, tl.where(g == 1, tile1, tile2))
     cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < col_end
-    count = tl.load(count_ptr + g)
+    count = tl.load(count_ptr + g)  # this projection's prefix of the group's list
     share = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
     lo = part * share
     hi = tl.minimum(lo + share, count)
-    idx_base = idx_ptr + g * idx_stride_g
-    val_base = val_ptr + g * val_stride_g
     if USE_DOT:
         seqs = tl.arange(0, BLOCK_B)
         seq_in = seqs < n_rows
+        cut = tl.load(cut_ptr + g * 64 + seqs, mask=seq_in, other=2147483647)
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
         for start in range(lo, hi, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             k_in = ks < hi
-            rows = tl.load(idx_base + ks, mask=k_in, other=0).to(tl.int64)
+            rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
             w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
                         other=0.0)
-            x = tl.load(val_base + seqs[:, None] * val_stride_b + ks[None, :], mask=seq_in[:, None] & k_in[None, :],
+            x = tl.load(val_ptr + seqs[:, None] * val_stride_b + ks[None, :], mask=seq_in[:, None] & k_in[None, :],
                         other=0.0)
+            # the list is the union over sequences: each keeps only what passes its own cut
+            mine = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True) >= cut[:, None]
+            x = tl.where(mine, x, 0.0)
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
         tl.atomic_add(y_ptr + seqs[:, None] * stride_yb + cols[None, :], acc, mask=seq_in[:, None] & col_in[None, :],
                       sem="relaxed")
@@ -71,8 +74,8 @@ def _gather_gemv_kernel(
         for start in range(lo, hi, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             k_in = ks < hi
-            rows = tl.load(idx_base + ks, mask=k_in, other=0).to(tl.int64)
-            x = tl.load(val_base + ks, mask=k_in, other=0.0).to(tl.float32)
+            rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
+            x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
             w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
                         other=0.0)
             acc2 += w.to(tl.float32) * x[:, None]
@@ -131,17 +134,17 @@ class GatherGemv:
         split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(max(longest, 1), config.block_k)))
         self.split = triton.next_power_of_2(split) if split > 1 else 1
         self.grid = (total_tiles, self.split)
+        self.pdl = use_pdl(wt.device)
 
     def __call__(self, lists: CompactLists, y: torch.Tensor) -> None:
         """y [B, out] (float32, zeroed or holding what to add to) += W x over the kept inputs."""
         c = self.config
-        use_dot = self.batch > 1
+        extra = {"launch_pdl": True} if self.pdl else {}
         _gather_gemv_kernel[self.grid](
-            self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count,
-            lists.idx.stride(0), lists.val.stride(0), lists.val.stride(1),
+            self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count, lists.cuts, lists.val.stride(0),
             y, y.stride(0), self.batch, self.ends[0], self.ends[1], self.ends[2],
             self.tile_starts[0], self.tile_starts[1],
             SPLIT=self.split, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=use_dot,
-            num_warps=c.num_warps, num_stages=c.num_stages,
+            BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=self.batch > 1, PDL=self.pdl,
+            num_warps=c.num_warps, num_stages=c.num_stages, **extra,
         )

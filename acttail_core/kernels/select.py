@@ -13,27 +13,55 @@ one program per sequence of the batch and does, in registers:
    value order, so the k-th largest magnitude is the largest pattern T with ``count(bits >= T) >= k``,
    settled one bit at a time from the top: 15 steps for bf16). Entries tied with the k-th value are
    all kept, as ``|x| >= kth`` masking does. Threshold mode (TEAL) keeps ``|x| > tau``.
-3. compaction: a prefix sum over the keep mask gives every kept input its slot, so the GEMV reads a
-   dense list of (index, value) pairs and touches only those weight rows. Exact zeros are never kept:
-   they add nothing to y, and skipping them keeps the work proportional to what matters.
+3. compaction into ONE list shared by the group: the kept sets of one input are nested (a larger k
+   keeps a superset), so the inputs are written ordered by how many projections keep them - those
+   kept by every projection first - and each projection reads a prefix of the list. One prefix sum
+   does it: every kept input adds ``1 << (21 * category)`` to an int64 scan, which ranks it within
+   its category. Exact zeros are never kept: they add nothing to y.
 
-Batch > 1 sequences keep different inputs; the GEMV then reads the union of the rows any sequence
-keeps (``union_compact``), with each sequence's own zeros in its value list, so every sequence gets
-exactly its own TopK.
+The cut (2.) is a radix select on 8-bit digits: a 256-bin histogram of the top digit (shared by all
+projections of the group), the bin where the count from the top reaches k, then the next digit among
+the inputs in that bin: 2 passes for bf16, 3 for fp16, 4 for fp32. Each pass costs a histogram and
+a scan over 256 bins, where a bit-by-bit search costs 15 block-wide reductions; on the H200 the
+difference is most of a decode step's selection time.
+
+Batch > 1 sequences keep different inputs; the list is then the union over sequences
+(``_union_compact_kernel``) with every sequence's raw values, and the GEMV zeroes, per sequence
+and projection, the values below that sequence's own cut: every sequence gets exactly its own TopK.
+
+On Hopper every kernel of the step is launched with programmatic dependent launch (``PDL``): the
+next kernel is scheduled while this one runs and waits (``gdc_wait``) only before touching memory,
+which hides most of the launch gap between the step's ~300 small kernels.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 PLAIN, RESIDUAL_NORM, ACT_MUL = 0, 1, 2
 NORM_STYLES = {"llama": 0, "gemma": 1}  # llama: round(x * r) * w ; gemma: round(x * r * (1 + w))
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 MODE_DENSE, MODE_TOPK, MODE_THRESHOLD = 0, 1, 2
-# Lowest mantissa bit that can be set after an exact up-cast to float32: the radix search skips the rest.
-LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
-NO_THRESHOLD = 2**31 - 1  # threshold bits that keep nothing (k = 0)
+# 8-bit digit passes that cover every mantissa bit the dtype can set after an exact up-cast to float32.
+RADIX_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
+KEEP_NOTHING = tl.constexpr(2**31 - 1)  # a cut no magnitude reaches (k = 0)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter)."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()  # let the next kernel be scheduled now
+        gdc_wait()  # but touch memory only once the previous kernel is done
 
 
 @triton.jit
@@ -78,92 +106,203 @@ def _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stri
 
 
 @triton.jit
-def _kth_largest_bits(bits, k, LOW: tl.constexpr):
-    """Largest bit pattern T with count(bits >= T) >= k (bits of padding are -1 and never count)."""
-    threshold = tl.full((), 0, tl.int32)
-    for step in tl.static_range(31 - LOW):
-        candidate = threshold | (1 << (30 - step))
-        count = tl.sum((bits >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(count >= k, candidate, threshold)
-    return threshold
+def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
+    """Bit pattern of the k-th largest magnitude: the largest T with count(bits >= T) >= k.
+
+    ``bits`` are magnitude bit patterns (-1 = padding), ``hist0`` the histogram of their top digit
+    (bits 30..23). Digits: 30..23, 22..15, 14..7, 6..0; each pass keeps the largest digit whose count
+    from the top still reaches k and subtracts what lies above it. 0 when k exceeds the valid inputs.
+    """
+    bins = tl.arange(0, 256)
+    cut = tl.full((), 0, tl.int32)
+    remaining = k
+    short = False
+    for p in tl.static_range(PASSES):
+        SHIFT: tl.constexpr = 23 - 8 * p if p < 3 else 0
+        WIDTH: tl.constexpr = 8 if p < 3 else 7
+        if p == 0:
+            hist = hist0
+        else:
+            in_prefix = ((bits >> (SHIFT + WIDTH)) == (cut >> (SHIFT + WIDTH))) & (bits >= 0)
+            hist = tl.histogram((bits >> SHIFT) & ((1 << WIDTH) - 1), 256, mask=in_prefix)
+        from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # inputs with this digit or a larger one
+        digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
+        if p == 0:
+            short = digit < 0
+        remaining -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        cut = cut | (tl.maximum(digit, 0) << SHIFT)
+    return tl.where(short, 0, cut)
 
 
 @triton.jit
-def _cut_bits(bits, param, MODE: tl.constexpr, LOW: tl.constexpr):
-    """Bit pattern from which an input is kept: TopK's k-th magnitude, or the threshold's (already + 1)."""
+def _cuts(bits, param_ptr, G: tl.constexpr, MODE: tl.constexpr, PASSES: tl.constexpr):
+    """Per projection of the group, the bit pattern from which an input is kept (never below 1: zeros stay out)."""
     if MODE == 1:
-        cut = _kth_largest_bits(bits, param, LOW)
-        cut = tl.where(param > 0, cut, 2147483647)
-    else:
-        cut = param
-    return tl.maximum(cut, 1)  # exact zeros are never kept
+        hist0 = tl.histogram(bits >> 23, 256, mask=bits >= 0)
+    c0 = tl.full((), KEEP_NOTHING, tl.int32)
+    c1 = tl.full((), KEEP_NOTHING, tl.int32)
+    c2 = tl.full((), KEEP_NOTHING, tl.int32)
+    for g in tl.static_range(G):
+        param = tl.load(param_ptr + g)
+        if MODE == 1:
+            cut = tl.where(param > 0, _topk_cut(bits, param, hist0, PASSES), KEEP_NOTHING)
+        else:  # threshold mode: the parameter already is the threshold's bit pattern + 1
+            cut = param
+        cut = tl.maximum(cut, 1)
+        if g == 0:
+            c0 = cut
+        elif g == 1:
+            c1 = cut
+        else:
+            c2 = cut
+    return c0, c1, c2
+
+
+@triton.jit
+def _category(bits, c0, c1, c2, G: tl.constexpr):
+    """G - (number of the group's projections that keep the input): 0 = kept by all, G = kept by none."""
+    passed = (bits >= c0).to(tl.int32)
+    if G > 1:
+        passed += (bits >= c1).to(tl.int32)
+    if G > 2:
+        passed += (bits >= c2).to(tl.int32)
+    return G - passed
+
+
+@triton.jit
+def _prefix_counts(param_ptr, totals, G: tl.constexpr, MODE: tl.constexpr, count_ptr):
+    """Each projection's list length: the inputs of every category up to its own rank among the group.
+
+    A projection keeps exactly the categories 0..G - #{projections at most as strict}; strictness
+    is known from the parameters alone (a smaller k, or a larger threshold, is stricter).
+    """
+    cats = tl.arange(0, 4)
+    for g in tl.static_range(G):
+        mine = tl.load(param_ptr + g)
+        looser = tl.full((), 0, tl.int32)
+        for h in tl.static_range(G):
+            other = tl.load(param_ptr + h)
+            if MODE == 1:
+                looser += (other >= mine).to(tl.int32)
+            else:
+                looser += (other <= mine).to(tl.int32)
+        last = G - looser
+        tl.store(count_ptr + g, tl.sum(tl.where(cats <= last, totals, 0), axis=0).to(tl.int32))
+
+
+@triton.jit
+def _unpack(packed, cats):
+    """[4] counts per category from a packed int64 (21 bits each)."""
+    return ((packed >> (21 * cats).to(tl.int64)) & 0x1FFFFF).to(tl.int32)
 
 
 @triton.jit
 def _select_kernel(
     a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
-    x_ptr, x_stride, param_ptr, cut_ptr,
-    idx_ptr, val_ptr, count_ptr, idx_stride_g, val_stride_g,
+    x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr,
     zero_ptr, zero_stride, n_zero, n_cols,
-    MODE: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr, WRITE_X: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, STYLE: tl.constexpr,
-    ACT: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    ACT: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     DT: tl.constexpr = x_ptr.dtype.element_ty
     x = _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
                   PROLOGUE, HAS_DELTA, POST_NORM, STYLE, ACT, DT)
-    if WRITE_X:
-        tl.store(x_ptr + row * x_stride + cols, x.to(DT), mask=inside)
+    tl.store(x_ptr + row * x_stride + cols, x.to(DT), mask=inside)
     if n_zero > 0:  # the downstream GEMV accumulates into this buffer
         for start in range(0, n_zero, ZERO_BLOCK):
             offs = start + tl.arange(0, ZERO_BLOCK)
             tl.store(zero_ptr + row * zero_stride + offs, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs < n_zero)
     if MODE != 0:
-        bits = tl.abs(x).to(tl.int32, bitcast=True)
-        bits = tl.where(inside, bits, -1)
-        for g in tl.static_range(G):
-            cut = _cut_bits(bits, tl.load(param_ptr + g), MODE, LOW)
-            if COMPACT:  # one sequence: write its (index, value) list directly
-                keep = bits >= cut
-                keep_i = keep.to(tl.int32)
-                slot = tl.cumsum(keep_i, axis=0) - 1
-                tl.store(idx_ptr + g * idx_stride_g + slot, cols, mask=keep)
-                tl.store(val_ptr + g * val_stride_g + slot, x.to(DT), mask=keep)
-                tl.store(count_ptr + g, tl.sum(keep_i, axis=0))
-            else:  # several sequences: union_compact merges their cuts
-                tl.store(cut_ptr + g * 64 + row, cut)
+        bits = tl.where(inside, tl.abs(x).to(tl.int32, bitcast=True), -1)
+        c0, c1, c2 = _cuts(bits, param_ptr, G, MODE, PASSES)
+        tl.store(cut_ptr + row, c0)
+        if G > 1:
+            tl.store(cut_ptr + 64 + row, c1)
+        if G > 2:
+            tl.store(cut_ptr + 128 + row, c2)
+        if COMPACT:  # one sequence: write the shared list directly
+            cat = _category(bits, c0, c1, c2, G)
+            kept = cat < G
+            packed = tl.where(kept, tl.full([BLOCK], 1, tl.int64) << (21 * cat).to(tl.int64), 0)
+            cats = tl.arange(0, 4)
+            totals = _unpack(tl.sum(packed, axis=0), cats)
+            rank = ((tl.cumsum(packed, axis=0) >> (21 * cat).to(tl.int64)) & 0x1FFFFF).to(tl.int32) - 1
+            offset = tl.where(cat > 0, tl.sum(tl.where(cats == 0, totals, 0), axis=0), 0)
+            offset += tl.where(cat > 1, tl.sum(tl.where(cats == 1, totals, 0), axis=0), 0)
+            slot = offset + rank
+            tl.store(idx_ptr + slot, cols, mask=kept)
+            tl.store(val_ptr + slot, x.to(DT), mask=kept)
+            _prefix_counts(param_ptr, totals, G, MODE, count_ptr)
 
 
 @triton.jit
 def _union_compact_kernel(
-    x_ptr, x_stride, cut_ptr, idx_ptr, val_ptr, count_ptr, idx_stride_g, val_stride_g, val_stride_b,
-    n_rows, n_cols, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+    x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr, val_stride_b, n_rows, n_cols,
+    G: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
-    g = tl.program_id(0)
+    """Several sequences: the union of their kept inputs, in categories as above (two sweeps over the row)."""
+    _pdl_enter(PDL)
     rows = tl.arange(0, BLOCK_B)
     row_in = rows < n_rows
-    cut = tl.load(cut_ptr + g * 64 + rows, mask=row_in, other=2147483647)
-    filled = tl.full((), 0, tl.int32)
-    for start in range(0, n_cols, CHUNK):
+    c0 = tl.load(cut_ptr + rows, mask=row_in, other=KEEP_NOTHING)
+    c1 = tl.load(cut_ptr + 64 + rows, mask=row_in, other=KEEP_NOTHING)
+    c2 = tl.load(cut_ptr + 128 + rows, mask=row_in, other=KEEP_NOTHING)
+    cats = tl.arange(0, 4)
+    totals_packed = tl.full((), 0, tl.int64)
+    for start in range(0, n_cols, CHUNK):  # sweep 1: how many inputs fall in each category
         cols = start + tl.arange(0, CHUNK)
         inside = row_in[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
         bits = tl.where(inside, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), -1)
-        keep = bits >= cut[:, None]
-        union = tl.max(keep.to(tl.int32), axis=0)
-        slot = filled + tl.cumsum(union, axis=0) - 1
-        tl.store(idx_ptr + g * idx_stride_g + slot, cols, mask=union > 0)
-        tl.store(val_ptr + g * val_stride_g + rows[:, None] * val_stride_b + slot[None, :], tl.where(keep, x, 0.0),
-                 mask=row_in[:, None] & (union > 0)[None, :])
-        filled += tl.sum(union, axis=0)
-    tl.store(count_ptr + g, filled)
+        cat = tl.min(_category(bits, c0[:, None], c1[:, None], c2[:, None], G), axis=0)
+        totals_packed += tl.sum(tl.where(cat < G, tl.full([CHUNK], 1, tl.int64) << (21 * cat).to(tl.int64), 0), axis=0)
+    totals = _unpack(totals_packed, cats)
+    t0 = tl.sum(tl.where(cats == 0, totals, 0), axis=0)
+    t1 = tl.sum(tl.where(cats == 1, totals, 0), axis=0)
+    before = tl.full((), 0, tl.int64)
+    for start in range(0, n_cols, CHUNK):  # sweep 2: write every input at its slot
+        cols = start + tl.arange(0, CHUNK)
+        inside = row_in[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
+        bits = tl.where(inside, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), -1)
+        cat = tl.min(_category(bits, c0[:, None], c1[:, None], c2[:, None], G), axis=0)
+        kept = cat < G
+        packed = tl.where(kept, tl.full([CHUNK], 1, tl.int64) << (21 * cat).to(tl.int64), 0)
+        rank = (((before + tl.cumsum(packed, axis=0)) >> (21 * cat).to(tl.int64)) & 0x1FFFFF).to(tl.int32) - 1
+        slot = tl.where(cat > 0, t0, 0) + tl.where(cat > 1, t1, 0) + rank
+        tl.store(idx_ptr + slot, cols, mask=kept)
+        tl.store(val_ptr + rows[:, None] * val_stride_b + slot[None, :], x, mask=row_in[:, None] & kept[None, :])
+        before += tl.sum(packed, axis=0)
+    _prefix_counts(param_ptr, totals, G, MODE, count_ptr)
 
 
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+class CompactLists:
+    """Where ``select_group`` writes the kept inputs of a group of G projections for B sequences.
+
+    ``idx`` [n] int32 (kept input indices, strictest category first), ``val`` [B, n] (their values
+    per sequence), ``count`` [G] int32 (each projection's prefix of the list, read by the GEMV on the
+    device: no host sync), ``cuts`` [G, 64] int32 (each sequence's cut bits, for batch > 1).
+    """
+
+    MAX_BATCH = 64
+
+    def __init__(self, groups: int, batch: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        if not 1 <= groups <= 3 or not 1 <= batch <= self.MAX_BATCH:
+            raise ValueError(f"1-3 projections and 1-{self.MAX_BATCH} sequences, got {groups} and {batch}")
+        self.groups = groups
+        self.idx = torch.zeros(n_cols, dtype=torch.int32, device=device)
+        self.val = torch.zeros(batch, n_cols, dtype=dtype, device=device)
+        self.count = torch.zeros(groups, dtype=torch.int32, device=device)
+        self.cuts = torch.zeros(3, self.MAX_BATCH, dtype=torch.int32, device=device)
 
 
 def select_group(
@@ -181,26 +320,27 @@ def select_group(
     activation: str = "silu",
     mode: int = MODE_DENSE,
     params: torch.Tensor | None = None,
-    lists: "CompactLists | None" = None,
+    lists: CompactLists | None = None,
     zero: torch.Tensor | None = None,
 ) -> None:
     """Run the prologue for every sequence of the batch and, unless ``mode`` is dense, fill ``lists``.
 
-    ``x_out`` [B, n] receives the prepared input in the model dtype (always, it is the dense GEMV's
-    input and the union pass's source). ``params`` [G] int32 holds each projection's k (TopK) or its
-    threshold's float32 bit pattern + 1 (threshold mode). ``zero`` [B, m] float32 is zeroed for the
-    GEMV that accumulates into it.
+    ``x_out`` [B, n] receives the prepared input in the model dtype (the dense GEMV's input and the
+    union sweep's source). ``params`` [G] int32 holds each projection's k (TopK) or its threshold's
+    float32 bit pattern + 1 (threshold mode). ``zero`` [B, m] float32 is zeroed for the GEMV that
+    accumulates into it.
     """
     n_rows, n_cols = x_out.shape
     block = triton.next_power_of_2(n_cols)
     dummy = x_out
-    a_t = a if a is not None else dummy
-    b_t = b if b is not None else dummy
-    h_t = h if h is not None else dummy
     groups = lists.groups if lists is not None else 1
     compact = lists is not None and n_rows == 1
+    pdl = use_pdl(x_out.device)
+    extra = {"launch_pdl": True} if pdl else {}
     _select_kernel[(n_rows,)](
-        a_t, a_t.stride(0), b_t, b_t.stride(0), h_t, h_t.stride(0),
+        a if a is not None else dummy, a.stride(0) if a is not None else 0,
+        b if b is not None else dummy, b.stride(0) if b is not None else 0,
+        h if h is not None else dummy, h.stride(0) if h is not None else 0,
         norm_weight if norm_weight is not None else dummy,
         post_norm_weight if post_norm_weight is not None else dummy,
         float(eps), 1.0 / n_cols,
@@ -210,42 +350,20 @@ def select_group(
         lists.idx if lists is not None else dummy,
         lists.val if lists is not None else dummy,
         lists.count if lists is not None else dummy,
-        lists.idx.stride(0) if lists is not None else 0,
-        lists.val.stride(0) if lists is not None else 0,
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         zero.shape[1] if zero is not None else 0, n_cols,
-        MODE=mode, G=groups, COMPACT=compact, WRITE_X=True,
+        MODE=mode, G=groups, COMPACT=compact,
         PROLOGUE=prologue, HAS_DELTA=has_delta, POST_NORM=post_norm_weight is not None,
-        STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], LOW=LOW_BIT[x_out.dtype], BLOCK=block,
+        STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype], BLOCK=block,
         ZERO_BLOCK=min(4096, triton.next_power_of_2(max(zero.shape[1], 16))) if zero is not None else 16,
-        num_warps=_warps(block),
+        PDL=pdl, num_warps=_warps(block), **extra,
     )
     if lists is not None and not compact:
-        _union_compact_kernel[(groups,)](
-            x_out, x_out.stride(0), lists.cuts, lists.idx, lists.val, lists.count,
-            lists.idx.stride(0), lists.val.stride(0), lists.val.stride(1), n_rows, n_cols,
-            BLOCK_B=triton.next_power_of_2(n_rows), CHUNK=min(1024, block), num_warps=4,
+        _union_compact_kernel[(1,)](
+            x_out, x_out.stride(0), params, lists.cuts, lists.idx, lists.val, lists.count, lists.val.stride(0),
+            n_rows, n_cols, G=groups, MODE=mode, BLOCK_B=triton.next_power_of_2(n_rows),
+            CHUNK=min(1024, block), PDL=pdl, num_warps=4, **extra,
         )
-
-
-class CompactLists:
-    """Where ``select_group`` writes the kept inputs of G projections for a batch of B sequences.
-
-    ``idx`` [G, n] int32 (kept input indices, ascending), ``val`` [G, B, n] (their values per
-    sequence, zero where that sequence does not keep the index), ``count`` [G] int32 (list length,
-    read by the GEMV on the device: no host sync), ``cuts`` [G, 64] int32 (per-sequence cut bits).
-    """
-
-    MAX_BATCH = 64
-
-    def __init__(self, groups: int, batch: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> None:
-        if batch > self.MAX_BATCH:
-            raise ValueError(f"batch {batch} exceeds {self.MAX_BATCH}")
-        self.groups = groups
-        self.idx = torch.zeros(groups, n_cols, dtype=torch.int32, device=device)
-        self.val = torch.zeros(groups, batch, n_cols, dtype=dtype, device=device)
-        self.count = torch.zeros(groups, dtype=torch.int32, device=device)
-        self.cuts = torch.zeros(groups, self.MAX_BATCH, dtype=torch.int32, device=device)
 
 
 def threshold_param(tau: float, dtype: torch.dtype) -> int:
