@@ -215,6 +215,14 @@ def main() -> None:
         for budget in budgets:
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
+        for budget in [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]:
+            os.environ["ACTTAIL_PDL"] = "0"  # what programmatic dependent launch buys, same run
+            try:
+                attempt(f"no PDL {budget.effective_sparsity}", lambda: record(
+                    measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw),
+                    "without programmatic dependent launch"))
+            finally:
+                os.environ.pop("ACTTAIL_PDL")
         half = next((b for b in budgets if b.method == "uniform" and abs(b.effective_sparsity - 0.5) < 1e-9), None)
         if half is not None:
             attempt("batch uniform 0.5", lambda: record(

@@ -52,9 +52,12 @@ KEEP_NOTHING = tl.constexpr(2**31 - 1)  # a cut no magnitude reaches (k = 0)
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter)."""
+    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter).
+
+    ``ACTTAIL_PDL=0`` turns it off (to measure what it buys, or on a driver that mishandles it).
+    """
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and os.environ.get("ACTTAIL_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
@@ -118,19 +121,19 @@ def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
     remaining = k
     short = False
     for p in tl.static_range(PASSES):
-        SHIFT: tl.constexpr = 23 - 8 * p if p < 3 else 0
-        WIDTH: tl.constexpr = 8 if p < 3 else 7
+        shift = 23 - 8 * p if p < 3 else 0
+        width = 8 if p < 3 else 7
         if p == 0:
             hist = hist0
         else:
-            in_prefix = ((bits >> (SHIFT + WIDTH)) == (cut >> (SHIFT + WIDTH))) & (bits >= 0)
-            hist = tl.histogram((bits >> SHIFT) & ((1 << WIDTH) - 1), 256, mask=in_prefix)
+            in_prefix = ((bits >> (shift + width)) == (cut >> (shift + width))) & (bits >= 0)
+            hist = tl.histogram((bits >> shift) & ((1 << width) - 1), 256, mask=in_prefix)
         from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # inputs with this digit or a larger one
         digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
         if p == 0:
             short = digit < 0
         remaining -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-        cut = cut | (tl.maximum(digit, 0) << SHIFT)
+        cut = cut | (tl.maximum(digit, 0) << shift)
     return tl.where(short, 0, cut)
 
 
