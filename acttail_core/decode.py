@@ -213,9 +213,13 @@ def budget_params(loaded: LoadedModel, budget: Optional[Budget], mode: str,
 class Decoder:
     """Greedy decoding for ``batch`` sequences of at most ``max_len`` tokens, dense or under a budget.
 
-    ``budget=None`` is the dense step (cuBLAS GEMVs); with a budget the step uses the sparse kernels
-    and needs ``weights`` from ``input_major(model)``. On CUDA the step is captured as a CUDA graph
-    (``use_graph``); elsewhere (the Triton interpreter in tests) it runs eagerly.
+    ``budget=None`` is the dense step (cuBLAS GEMVs). With a budget, ``kernel`` picks how the kept
+    inputs are multiplied: ``gather`` (the sparse GEMV, reading only kept weight rows; needs
+    ``weights`` from ``input_major(model)``) or ``masked`` (each projection's masked input through a
+    dense cuBLAS GEMM). ``auto`` gathers unless the batch's union of kept inputs is expected to be
+    nearly dense (1 - s^batch > 0.7 for effective sparsity s: batch 4 at 0.5 keeps 94% of the rows),
+    where reading every row once beats the gather's overheads. On CUDA the step is captured as a CUDA
+    graph (``use_graph``); elsewhere (the Triton interpreter in tests) it runs eagerly.
     """
 
     def __init__(
@@ -230,14 +234,24 @@ class Decoder:
         weights: Optional[InputMajorWeights] = None,
         gemv_config: Optional[GemvConfig] = None,
         use_graph: Optional[bool] = None,
+        kernel: str = "auto",
     ) -> None:
         ok, why = support(loaded.model)
         if not ok:
             raise ActTailError(f"cannot use the sparse decode kernels: {why}")
         if mode not in ("topk", "threshold"):
             raise ActTailError(f"unknown sparsity mode {mode!r}; choose topk or threshold")
-        if budget is not None and weights is None:
-            raise ActTailError("a sparse Decoder needs the weights of input_major(model)")
+        if kernel not in ("auto", "gather", "masked"):
+            raise ActTailError(f"unknown kernel {kernel!r}; choose auto, gather or masked")
+        if budget is None:
+            self.kind = "dense"
+        elif kernel == "auto":
+            union = 1.0 - float(budget.effective_sparsity) ** batch
+            self.kind = "gather" if batch == 1 or union <= 0.7 else "masked"
+        else:
+            self.kind = kernel
+        if self.kind == "gather" and weights is None:
+            raise ActTailError("the gather kernel needs the weights of input_major(model)")
         if batch < 1 or batch > CompactLists.MAX_BATCH:
             raise ActTailError(f"batch must be 1 to {CompactLists.MAX_BATCH}, got {batch}")
         model = loaded.model
@@ -259,7 +273,6 @@ class Decoder:
         self.embed_scale = getattr(self.embed, "embed_scale", None)
         self.head = model.get_output_embeddings()
         self.mode = MODE_DENSE if budget is None else (MODE_TOPK if mode == "topk" else MODE_THRESHOLD)
-        self.sparse = budget is not None
         # Mistral keeps its window in the config; Qwen2/3 and Gemma 3 on each attention module (None = full)
         self.windows = [int((attn.sliding_window if hasattr(attn, "sliding_window") else
                              getattr(config, "sliding_window", None)) or 0)
@@ -288,24 +301,25 @@ class Decoder:
         cache_shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
-        if self.sparse:  # one float32 accumulator per group: the sparse GEMVs add into it with atomics
+        inputs = {"qkv": d, "o": q_width, "gate_up": d, "down": self.inter}
+        if self.kind == "gather":  # one float32 accumulator per group: the sparse GEMVs add into it with atomics
             self.out = {g: torch.zeros(batch, sum(w), dtype=torch.float32, device=dev) for g, w in self.widths.items()}
             self.parts = {g: list(self.out[g].split(w, dim=1)) for g, w in self.widths.items()}
         else:  # one buffer per projection: cuBLAS writes each output contiguously
             self.parts = {g: [torch.zeros(batch, n, dtype=dt, device=dev) for n in w] for g, w in self.widths.items()}
-        if self.sparse:
-            params = budget_params(loaded, budget, mode, thresholds)
-            self.params = params.to(dev)
-            self.lists = {
-                "qkv": CompactLists(3, batch, d, dt, dev), "o": CompactLists(1, batch, q_width, dt, dev),
-                "gate_up": CompactLists(2, batch, d, dt, dev), "down": CompactLists(1, batch, self.inter, dt, dev),
-            }
+        if self.kind != "dense":
+            self.params = budget_params(loaded, budget, mode, thresholds).to(dev)
+        if self.kind == "masked":  # every projection's own masked input
+            self.masked = {g: torch.zeros(len(w), batch, inputs[g], dtype=dt, device=dev) for g, w in self.widths.items()}
+        if self.kind == "gather":
+            keeps = budget_params(loaded, budget, "topk", None)  # the rows the budget expects each projection to read
+            self.lists = {g: CompactLists(len(types), batch, inputs[g], dt, dev) for g, types in GROUPS}
             config_ = gemv_config or default_config(dev)
             self.gemvs = []
             for index, groups in enumerate(weights.groups):
                 per = {}
                 for g_index, (group, types) in enumerate(GROUPS):
-                    expected = [int(v) for v in params[index, g_index, : len(types)]] if mode == "topk" else []
+                    expected = [int(v) for v in keeps[index, g_index, : len(types)]]
                     per[group] = GatherGemv(groups[group], self.widths[group], expected, batch, config_)
                 self.gemvs.append(per)
         self._host_pos = 0
@@ -317,27 +331,31 @@ class Decoder:
 
     # ------------------------------------------------------------------ one step
     def _select(self, group: str, layer: int, **kwargs) -> Callable[[], None]:
-        if self.sparse:
-            g_index = [g for g, _ in GROUPS].index(group)
+        g_index = [g for g, _ in GROUPS].index(group)
+        if self.kind == "gather":
             kwargs.update(mode=self.mode, params=self.params[layer, g_index], lists=self.lists[group],
                           zero=self.out[group])
+        elif self.kind == "masked":
+            kwargs.update(mode=self.mode, params=self.params[layer, g_index], masked_out=self.masked[group])
         else:
             kwargs.update(mode=MODE_DENSE)
         return partial(select_group, eps=self.eps, style=self.family.norm_style, activation=self.activation,
                        **kwargs)
 
     def _gemv(self, group: str, layer: int, x: torch.Tensor) -> Callable[[], None]:
-        if self.sparse:
+        if self.kind == "gather":
             return partial(self.gemvs[layer][group], self.lists[group], self.out[group])
         modules = _projection_modules(self.layers[layer])
-        triples = [(modules[t].weight, modules[t].bias, out) for t, out in zip(dict(GROUPS)[group], self.parts[group])]
+        types = dict(GROUPS)[group]
+        inputs = list(self.masked[group]) if self.kind == "masked" else [x] * len(types)
+        quads = [(source, modules[t].weight, modules[t].bias, out) for t, source, out in zip(types, inputs, self.parts[group])]
 
         def dense() -> None:  # the bias inside the GEMM, rounded once, as nn.Linear does
-            for weight, bias, out in triples:
+            for source, weight, bias, out in quads:
                 if bias is None:
-                    torch.mm(x, weight.t(), out=out)
+                    torch.mm(source, weight.t(), out=out)
                 else:
-                    torch.addmm(bias, x, weight.t(), out=out)
+                    torch.addmm(bias, source, weight.t(), out=out)
 
         return dense
 
@@ -379,7 +397,7 @@ class Decoder:
                 ("gemv", self._gemv("qkv", index, self.x_d)),
                 ("attention", attention),
             ]
-            if self.sparse:  # the dense GEMV reads the attention output as it is
+            if self.kind != "dense":  # the dense GEMV reads the attention output as it is
                 plan.append(("select", self._select("o", index, prologue=PLAIN, a=self.attn_out, x_out=self.attn_out)))
             plan += [
                 ("gemv", self._gemv("o", index, self.attn_out)),
@@ -401,7 +419,7 @@ class Decoder:
 
     def _qkv_biases(self, attn: nn.Module) -> dict:
         """The sparse GEMVs leave float32 sums, to which attention adds the biases; cuBLAS already added them."""
-        if not self.sparse:
+        if self.kind != "gather":
             return {}
         return {"q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias}
 
@@ -484,7 +502,7 @@ class DecodeSpeed:
     method: str
     sparsity: float
     batch: int
-    path: str  # "sparse-kernel", "dense-graph", or "masked" (see MASKED_NOTE)
+    path: str  # "dense-graph", "sparse-gather" or "sparse-masked" (fused step), or "masked" (see MASKED_NOTE)
     tokens_per_s: float  # median over repeats, tokens of all sequences per second
     runs: list[float] = field(default_factory=list)  # tokens/s of every repeat
     weight_bytes_per_step: int = 0  # projection rows the budget keeps + LM head, read once per step
@@ -541,19 +559,21 @@ def measure_decode(
     thresholds: Optional[dict[str, float]] = None,
     method: Optional[str] = None,
     gemv_config: Optional[GemvConfig] = None,
+    kernel: str = "auto",
 ) -> DecodeSpeed:
     """Decode tokens/s of the fused step (dense when ``budget`` is None), median of ``repeats``."""
     decoder = Decoder(loaded, batch=batch, max_len=prompt_len + new_tokens + 1, budget=budget, mode=mode,
-                      thresholds=thresholds, weights=weights, gemv_config=gemv_config)
+                      thresholds=thresholds, weights=weights, gemv_config=gemv_config, kernel=kernel)
     runs = time_decoder(decoder, prompt_len, new_tokens, repeats)
+    kind = decoder.kind
     del decoder
     median = statistics.median(runs)
-    step_bytes = weight_bytes_per_step(loaded, budget)
+    step_bytes = weight_bytes_per_step(loaded, budget if kind == "gather" else None)
     return DecodeSpeed(
         method=method or ("dense" if budget is None else budget.method),
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),
         batch=batch,
-        path="dense-graph" if budget is None else "sparse-kernel",
+        path={"dense": "dense-graph", "gather": "sparse-gather", "masked": "sparse-masked"}[kind],
         tokens_per_s=median,
         runs=runs,
         weight_bytes_per_step=step_bytes,

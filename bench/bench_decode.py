@@ -112,6 +112,48 @@ def profile(decoder: Decoder, gemv_bytes: int, copy: float, replays: int = 50) -
     return out
 
 
+def select_micro(device: torch.device) -> list[dict]:
+    """Time the select kernel alone (100 launches in a graph) in variants that add one stage at a time."""
+    from acttail_core.kernels import select as sel
+
+    rows = []
+    for n_cols, groups in [(4096, 1), (4096, 3), (11008, 1)]:
+        x = torch.randn(1, n_cols, device=device, dtype=torch.bfloat16)
+        x_out = torch.empty_like(x)
+        lists = sel.CompactLists(groups, 1, n_cols, x.dtype, device)
+        params = torch.full((groups,), n_cols // 2, dtype=torch.int32, device=device)
+        block = 1 << (n_cols - 1).bit_length()
+        for label, mode, compact in [("prologue only", 0, False), ("+ cuts", 1, False), ("+ cuts + compaction", 1, True)]:
+            for warps in (4, 8, 16):
+                def launch():
+                    sel._select_kernel[(1,)](
+                        x, x.stride(0), x, 0, x, 0, x, x, 1e-6, 1.0 / n_cols, x_out, x_out.stride(0), params,
+                        lists.cuts, lists.idx, lists.val, lists.count, x, 0, x, 0, 0, n_cols,
+                        MODE=mode, G=groups, COMPACT=compact, MASK_OUT=False, PROLOGUE=0, HAS_DELTA=False,
+                        POST_NORM=False, STYLE=0, ACT=0, PASSES=4, BLOCK=block, ZERO_BLOCK=16, PDL=False,
+                        num_warps=warps)
+                try:
+                    launch()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(100):
+                            launch()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    us = start.elapsed_time(end) * 1e3 / 100
+                except Exception as exc:  # a variant that does not compile or run: record and go on
+                    us = float("nan")
+                    print(f"  select micro {n_cols} G{groups} {label} w{warps}: {type(exc).__name__}: {exc}")
+                rows.append({"n_cols": n_cols, "groups": groups, "variant": label, "warps": warps, "us": us})
+                print(f"  select micro n={n_cols} G={groups} {label:<22} warps={warps:2d}: {us:6.2f} us", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -127,6 +169,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="the batched comparison (dense vs uniform 0.5)")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
+    parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -148,6 +191,8 @@ def main() -> None:
         "configurations": [], "errors": [],
     }
     result["copy_gbps"] = copy_gbps(device)
+    if args.select_micro and device.type == "cuda":
+        result["select_micro"] = select_micro(device)
     print(f"{loaded.name} on {gpu}, {args.dtype}; built in {build_s:.1f} s; copy bandwidth "
           f"{result['copy_gbps']:.0f} GB/s", flush=True)
     projections = find_projections(loaded.model)
@@ -216,17 +261,19 @@ def main() -> None:
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
         for budget in [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]:
-            os.environ["ACTTAIL_PDL"] = "0"  # what programmatic dependent launch buys, same run
+            os.environ["ACTTAIL_PDL"] = "1"  # what programmatic dependent launch buys, same run
             try:
-                attempt(f"no PDL {budget.effective_sparsity}", lambda: record(
+                attempt(f"PDL {budget.effective_sparsity}", lambda: record(
                     measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw),
-                    "without programmatic dependent launch"))
+                    "with programmatic dependent launch"))
             finally:
                 os.environ.pop("ACTTAIL_PDL")
         half = next((b for b in budgets if b.method == "uniform" and abs(b.effective_sparsity - 0.5) < 1e-9), None)
         if half is not None:
-            attempt("batch uniform 0.5", lambda: record(
-                measure_decode(loaded, half, weights=weights, batch=args.batch, gemv_config=config, **kw)))
+            for kernel in ("auto", "gather"):
+                attempt(f"batch uniform 0.5 {kernel}", lambda: record(measure_decode(
+                    loaded, half, weights=weights, batch=args.batch, gemv_config=config, kernel=kernel, **kw),
+                    f"kernel={kernel}"))
         if args.profile and device.type == "cuda":
             result["profile"] = {}
             chosen = [None] + [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]

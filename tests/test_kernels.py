@@ -237,3 +237,14 @@ def test_decode_attention_matches_torch(n_heads, n_kv, window, pos):
     torch.testing.assert_close(v_cache[:, :, pos], v.view(batch, n_kv, head_dim))
     untouched = [t for t in range(t_max) if t != pos]
     assert torch.equal(k_cache[:, :, untouched], k_hist[:, :, untouched])
+
+
+def test_gather_gemv_reads_past_the_expected_count():
+    """More kept inputs than the budget predicted (ties, threshold mode): the overflow loop reads them too."""
+    x = torch.randn(1, 700, device=DEVICE)
+    lists = run_select(x, [600])
+    weight = torch.randn(48, 700, device=DEVICE)
+    y = torch.zeros(1, 48, device=DEVICE)
+    GatherGemv(weight.t().contiguous(), [48], [37], 1, GemvConfig(block_n=32, block_k=16, programs_per_sm=8))(lists, y)
+    masked = torch.where(reference_keep(x, 600), x, torch.zeros_like(x))
+    torch.testing.assert_close(y, masked @ weight.t(), atol=1e-4, rtol=1e-4)

@@ -19,19 +19,20 @@ one program per sequence of the batch and does, in registers:
    does it: every kept input adds ``1 << (21 * category)`` to an int64 scan, which ranks it within
    its category. Exact zeros are never kept: they add nothing to y.
 
-The cut (2.) is a radix select on 8-bit digits: a 256-bin histogram of the top digit (shared by all
+The cut (2.) is a radix select on 4-bit digits: a 16-bin histogram of the top digit (shared by all
 projections of the group), the bin where the count from the top reaches k, then the next digit among
-the inputs in that bin: 2 passes for bf16, 3 for fp16, 4 for fp32. Each pass costs a histogram and
-a scan over 256 bins, where a bit-by-bit search costs 15 block-wide reductions; on the H200 the
-difference is most of a decode step's selection time.
+the inputs in that bin: 4 passes for bf16, 5 for fp16, 8 for fp32. The step is latency-bound (one
+program, serial passes), so what counts is passes x their cost: a bit-by-bit search needs 15
+block-wide reductions for bf16; 256-bin digits need 2 passes, but Triton's warp-ballot histogram
+costs about 8 + 8 x 8 operations per input at 256 bins and was no faster on the H200; 16 bins cost
+about 4 + 6.
 
 Batch > 1 sequences keep different inputs; the list is then the union over sequences
 (``_union_compact_kernel``) with every sequence's raw values, and the GEMV zeroes, per sequence
 and projection, the values below that sequence's own cut: every sequence gets exactly its own TopK.
 
-On Hopper every kernel of the step is launched with programmatic dependent launch (``PDL``): the
-next kernel is scheduled while this one runs and waits (``gdc_wait``) only before touching memory,
-which hides most of the launch gap between the step's ~300 small kernels.
+With ``ACTTAIL_PDL=1`` every kernel of the step is launched with programmatic dependent launch on
+Hopper (see ``use_pdl``).
 """
 from __future__ import annotations
 
@@ -46,18 +47,19 @@ PLAIN, RESIDUAL_NORM, ACT_MUL = 0, 1, 2
 NORM_STYLES = {"llama": 0, "gemma": 1}  # llama: round(x * r) * w ; gemma: round(x * r * (1 + w))
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 MODE_DENSE, MODE_TOPK, MODE_THRESHOLD = 0, 1, 2
-# 8-bit digit passes that cover every mantissa bit the dtype can set after an exact up-cast to float32.
-RADIX_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
+# 4-bit digit passes that cover every bit the dtype can set after an exact up-cast to float32.
+RADIX_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}
 KEEP_NOTHING = tl.constexpr(2**31 - 1)  # a cut no magnitude reaches (k = 0)
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter).
+    """Programmatic dependent launch, when ``ACTTAIL_PDL=1``: compiled kernels on Hopper or newer.
 
-    ``ACTTAIL_PDL=0`` turns it off (to measure what it buys, or on a driver that mishandles it).
+    Off by default: on the H200 the whole step was 1-7% slower with it (the early-launched GEMV
+    programs wait on every SM while the one-program select runs); bench/bench_decode.py compares.
     """
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-            and os.environ.get("ACTTAIL_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9)
+            and os.environ.get("ACTTAIL_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
@@ -112,22 +114,23 @@ def _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stri
 def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
     """Bit pattern of the k-th largest magnitude: the largest T with count(bits >= T) >= k.
 
-    ``bits`` are magnitude bit patterns (-1 = padding), ``hist0`` the histogram of their top digit
-    (bits 30..23). Digits: 30..23, 22..15, 14..7, 6..0; each pass keeps the largest digit whose count
-    from the top still reaches k and subtracts what lies above it. 0 when k exceeds the valid inputs.
+    ``bits`` are magnitude bit patterns (-1 = padding), ``hist0`` the 16-bin histogram of their top
+    digit (bits 30..27). Digits of 4 bits from the top (the last fp32 one has 3); each pass keeps the
+    largest digit whose count from the top still reaches k and subtracts what lies above it.
+    0 when k exceeds the valid inputs.
     """
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, 16)
     cut = tl.full((), 0, tl.int32)
     remaining = k
     short = False
     for p in tl.static_range(PASSES):
-        shift = 23 - 8 * p if p < 3 else 0
-        width = 8 if p < 3 else 7
+        shift = 27 - 4 * p if p < 7 else 0
+        width = 4 if p < 7 else 3
         if p == 0:
             hist = hist0
         else:
             in_prefix = ((bits >> (shift + width)) == (cut >> (shift + width))) & (bits >= 0)
-            hist = tl.histogram((bits >> shift) & ((1 << width) - 1), 256, mask=in_prefix)
+            hist = tl.histogram((bits >> shift) & ((1 << width) - 1), 16, mask=in_prefix)
         from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # inputs with this digit or a larger one
         digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
         if p == 0:
@@ -141,7 +144,7 @@ def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
 def _cuts(bits, param_ptr, G: tl.constexpr, MODE: tl.constexpr, PASSES: tl.constexpr):
     """Per projection of the group, the bit pattern from which an input is kept (never below 1: zeros stay out)."""
     if MODE == 1:
-        hist0 = tl.histogram(bits >> 23, 256, mask=bits >= 0)
+        hist0 = tl.histogram(bits >> 27, 16, mask=bits >= 0)
     c0 = tl.full((), KEEP_NOTHING, tl.int32)
     c1 = tl.full((), KEEP_NOTHING, tl.int32)
     c2 = tl.full((), KEEP_NOTHING, tl.int32)
@@ -202,9 +205,9 @@ def _unpack(packed, cats):
 @triton.jit
 def _select_kernel(
     a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
-    x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr,
+    x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr, xm_ptr, xm_stride_g,
     zero_ptr, zero_stride, n_zero, n_cols,
-    MODE: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr, MASK_OUT: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, STYLE: tl.constexpr,
     ACT: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -228,6 +231,13 @@ def _select_kernel(
             tl.store(cut_ptr + 64 + row, c1)
         if G > 2:
             tl.store(cut_ptr + 128 + row, c2)
+        if MASK_OUT:  # each projection's own masked copy, for dense GEMMs (batches whose union is nearly dense)
+            tl.store(xm_ptr + row * x_stride + cols, tl.where(bits >= c0, x, 0.0).to(DT), mask=inside)
+            if G > 1:
+                tl.store(xm_ptr + xm_stride_g + row * x_stride + cols, tl.where(bits >= c1, x, 0.0).to(DT), mask=inside)
+            if G > 2:
+                tl.store(xm_ptr + 2 * xm_stride_g + row * x_stride + cols, tl.where(bits >= c2, x, 0.0).to(DT),
+                         mask=inside)
         if COMPACT:  # one sequence: write the shared list directly
             cat = _category(bits, c0, c1, c2, G)
             kept = cat < G
@@ -325,18 +335,20 @@ def select_group(
     params: torch.Tensor | None = None,
     lists: CompactLists | None = None,
     zero: torch.Tensor | None = None,
+    masked_out: torch.Tensor | None = None,
 ) -> None:
     """Run the prologue for every sequence of the batch and, unless ``mode`` is dense, fill ``lists``.
 
     ``x_out`` [B, n] receives the prepared input in the model dtype (the dense GEMV's input and the
     union sweep's source). ``params`` [G] int32 holds each projection's k (TopK) or its threshold's
     float32 bit pattern + 1 (threshold mode). ``zero`` [B, m] float32 is zeroed for the GEMV that
-    accumulates into it.
+    accumulates into it. ``masked_out`` [G, B, n] (instead of ``lists``) receives every projection's
+    own masked input, for dense GEMMs.
     """
     n_rows, n_cols = x_out.shape
     block = triton.next_power_of_2(n_cols)
     dummy = x_out
-    groups = lists.groups if lists is not None else 1
+    groups = lists.groups if lists is not None else (masked_out.shape[0] if masked_out is not None else 1)
     compact = lists is not None and n_rows == 1
     pdl = use_pdl(x_out.device)
     extra = {"launch_pdl": True} if pdl else {}
@@ -353,9 +365,10 @@ def select_group(
         lists.idx if lists is not None else dummy,
         lists.val if lists is not None else dummy,
         lists.count if lists is not None else dummy,
+        masked_out if masked_out is not None else dummy, masked_out.stride(0) if masked_out is not None else 0,
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         zero.shape[1] if zero is not None else 0, n_cols,
-        MODE=mode, G=groups, COMPACT=compact,
+        MODE=mode, G=groups, COMPACT=compact, MASK_OUT=masked_out is not None,
         PROLOGUE=prologue, HAS_DELTA=has_delta, POST_NORM=post_norm_weight is not None,
         STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype], BLOCK=block,
         ZERO_BLOCK=min(4096, triton.next_power_of_2(max(zero.shape[1], 16))) if zero is not None else 16,
