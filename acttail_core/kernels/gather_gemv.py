@@ -13,8 +13,13 @@ row and predicates the loads of zeroed inputs still pays for the walk, and on an
 well below the ideal speed-up.
 
 One launch serves a whole group: the output columns of q, k and v (or gate and up) are concatenated
-in ``wt``; every tile belongs to exactly one projection and reads that projection's own list, so the
-three budgets cost one launch and one pass over the shared input.
+in ``wt``; every tile belongs to exactly one projection and reads that projection's prefix of the
+group's list (the kept sets are nested, see ``select``), so three budgets cost one launch.
+
+The slice of the list a program reads is computed from the list's length on the device. (A variant
+that read a fixed slice predicted by the budget, so the list loads need not wait for the length,
+was 20% slower on the H200: projections of a group with fewer kept inputs than the longest then
+iterate over masked blocks.)
 
 Batch 1 accumulates ``w * x`` elementwise and reduces once at the end; batch > 1 uses ``tl.dot``
 with the batch padded to 16 rows, so the extra sequences cost almost nothing once a row is loaded.
@@ -31,31 +36,11 @@ from .select import CompactLists, _pdl_enter, use_pdl
 
 
 @triton.jit
-def _rows_times_values(acc, ks, count, n_list, idx_ptr, val_ptr, val_stride_b, cut, seqs, seq_in, wt_ptr, stride_wk,
-                       cols, col_in, USE_DOT: tl.constexpr):
-    """acc += values(list[ks]) x W[list[ks], cols] for one block of the list (entries past ``count`` read nothing)."""
-    listed = ks < n_list
-    rows = tl.load(idx_ptr + ks, mask=listed, other=0).to(tl.int64)
-    k_in = ks < count
-    w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :], other=0.0)
-    if USE_DOT:
-        x = tl.load(val_ptr + seqs[:, None] * val_stride_b + ks[None, :], mask=seq_in[:, None] & listed[None, :],
-                    other=0.0)
-        # the list is the union over sequences: each keeps only what passes its own cut
-        mine = (tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True) >= cut[:, None]) & k_in[None, :]
-        acc = tl.dot(tl.where(mine, x, 0.0).to(w.dtype), w, acc, input_precision="ieee")
-    else:
-        x = tl.load(val_ptr + ks, mask=listed & k_in, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[:, None]
-    return acc
-
-
-@triton.jit
 def _gather_gemv_kernel(
-    wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, cut_ptr, val_stride_b, n_list,
+    wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, cut_ptr, val_stride_b,
     y_ptr, stride_yb, n_rows, end0, end1, end2, tile1, tile2,
-    SPLIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_enter(PDL)
     tile = tl.program_id(0)
@@ -67,27 +52,39 @@ def _gather_gemv_kernel(
     cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < col_end
     count = tl.load(count_ptr + g)  # this projection's prefix of the group's list
-    seqs = tl.arange(0, BLOCK_B)
-    seq_in = seqs < n_rows
+    share = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
+    lo = part * share
+    hi = tl.minimum(lo + share, count)
     if USE_DOT:
+        seqs = tl.arange(0, BLOCK_B)
+        seq_in = seqs < n_rows
         cut = tl.load(cut_ptr + g * 64 + seqs, mask=seq_in, other=2147483647)
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-    else:
-        cut = seqs
-        acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-    # the slice the budget predicts: a fixed trip count, so the list loads need not wait for ``count``
-    for start in tl.range(part * CHUNK, part * CHUNK + CHUNK, BLOCK_K):
-        acc = _rows_times_values(acc, start + tl.arange(0, BLOCK_K), count, n_list, idx_ptr, val_ptr, val_stride_b,
-                                 cut, seqs, seq_in, wt_ptr, stride_wk, cols, col_in, USE_DOT)
-    # what lies beyond it (ties at the cut, threshold mode): usually nothing
-    for start in range(SPLIT * CHUNK + part * BLOCK_K, count, SPLIT * BLOCK_K):
-        acc = _rows_times_values(acc, start + tl.arange(0, BLOCK_K), count, n_list, idx_ptr, val_ptr, val_stride_b,
-                                 cut, seqs, seq_in, wt_ptr, stride_wk, cols, col_in, USE_DOT)
-    if USE_DOT:
+        for start in range(lo, hi, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_in = ks < hi
+            rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
+            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                        other=0.0)
+            x = tl.load(val_ptr + seqs[:, None] * val_stride_b + ks[None, :], mask=seq_in[:, None] & k_in[None, :],
+                        other=0.0)
+            # the list is the union over sequences: each keeps only what passes its own cut
+            mine = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True) >= cut[:, None]
+            x = tl.where(mine, x, 0.0)
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
         tl.atomic_add(y_ptr + seqs[:, None] * stride_yb + cols[None, :], acc, mask=seq_in[:, None] & col_in[None, :],
                       sem="relaxed")
     else:
-        tl.atomic_add(y_ptr + cols, tl.sum(acc, axis=0), mask=col_in, sem="relaxed")
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_in = ks < hi
+            rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
+            x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                        other=0.0)
+            acc2 += w.to(tl.float32) * x[:, None]
+        tl.atomic_add(y_ptr + cols, tl.sum(acc2, axis=0), mask=col_in, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -138,13 +135,11 @@ class GatherGemv:
         never = total_tiles + 1
         self.ends = (ends + [ends[-1]] * 3)[:3]
         self.tile_starts = ((starts[1:] + [never, never])[:2])
-        # split-K: enough programs to keep every SM streaming, but never slices shorter than one block;
-        # each slice is CHUNK rows of the list the budget predicts (the kernel also reads any excess)
+        # split-K: enough programs to keep every SM streaming, but never slices shorter than one block
         programs = config.programs_per_sm * _sm_count(wt.device)
-        longest = max(1, max(expected_rows) if expected_rows else wt.shape[0])
-        split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(longest, config.block_k)))
+        longest = max(expected_rows) if expected_rows else wt.shape[0]
+        split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(max(longest, 1), config.block_k)))
         self.split = triton.next_power_of_2(split) if split > 1 else 1
-        self.chunk = triton.cdiv(triton.cdiv(longest, self.split), config.block_k) * config.block_k
         self.grid = (total_tiles, self.split)
         self.pdl = use_pdl(wt.device)
 
@@ -154,9 +149,9 @@ class GatherGemv:
         extra = {"launch_pdl": True} if self.pdl else {}
         _gather_gemv_kernel[self.grid](
             self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count, lists.cuts, lists.val.stride(0),
-            lists.idx.shape[0], y, y.stride(0), self.batch, self.ends[0], self.ends[1], self.ends[2],
+            y, y.stride(0), self.batch, self.ends[0], self.ends[1], self.ends[2],
             self.tile_starts[0], self.tile_starts[1],
-            SPLIT=self.split, CHUNK=self.chunk, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            SPLIT=self.split, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=self.batch > 1, PDL=self.pdl,
             num_warps=c.num_warps, num_stages=c.num_stages, **extra,
         )

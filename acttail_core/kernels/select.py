@@ -238,7 +238,13 @@ def _select_kernel(
             if G > 2:
                 tl.store(xm_ptr + 2 * xm_stride_g + row * x_stride + cols, tl.where(bits >= c2, x, 0.0).to(DT),
                          mask=inside)
-        if COMPACT:  # one sequence: write the shared list directly
+        if COMPACT and G == 1:  # one projection: a plain int32 prefix sum (the packed int64 scan costs twice)
+            kept = bits >= c0
+            slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
+            tl.store(idx_ptr + slot, cols, mask=kept)
+            tl.store(val_ptr + slot, x.to(DT), mask=kept)
+            tl.store(count_ptr, tl.sum(kept.to(tl.int32), axis=0))
+        elif COMPACT:  # one sequence: write the shared list directly
             cat = _category(bits, c0, c1, c2, G)
             kept = cat < G
             packed = tl.where(kept, tl.full([BLOCK], 1, tl.int64) << (21 * cat).to(tl.int64), 0)
