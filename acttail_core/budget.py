@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -40,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import __version__
 from .errors import BudgetError
 from .projections import Projection
+from .safe_io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +279,5 @@ def check_budget_matches(budget: Budget, projections: Sequence[Projection], fing
 
 
 def save_budget(budget: Budget, path: str | Path) -> Path:
-    """Write atomically: temporary file then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(budget.to_json())
-    os.replace(tmp, path)
-    return path
+    """Write atomically through the one output writer (``safe_io``)."""
+    return write_text(path, budget.to_json())

@@ -13,9 +13,24 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .errors import ActTailError
+from .safe_io import check_output
 
 # Each command module registers itself here: name -> (add_arguments, run)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error: ...`` line (exit 2) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def model_input(args: argparse.Namespace) -> Optional[str]:
+    """The model argument unless it names a packaged model: a local file or folder that ``--out`` must not replace."""
+    from .models import PACKAGED_MODELS
+
+    return None if args.model in PACKAGED_MODELS else args.model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +102,8 @@ def _spectra_run(args: argparse.Namespace) -> int:
     from .spectra import compute_spectra
     from .spectra_io import save_spectra
 
+    if args.out:
+        args.out = check_output(args.out, [model_input(args)])  # before the slow work, not after it
     loaded = load_from_args(args)
     spectra = compute_spectra(loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra"))
     summary = spectra.type_summary().round(3)
@@ -146,6 +163,7 @@ def _allocate_run(args: argparse.Namespace) -> int:
     if args.sparsity is None:
         raise ActTailError("--sparsity is required (a number in [0, 0.95])")
     check_target(args.sparsity, settings_from_args(args))  # fail before the slow model load
+    args.out = check_output(args.out, [args.spectra, model_input(args)])
     loaded = load_from_args(args)
     budget = build_budget(args, loaded, args.sparsity)
     print_table(
@@ -182,7 +200,7 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="python -m acttail_core", description="ActTail Explorer: heavy-tail guided activation sparsity")
+    parser = OneLineParser(prog="python -m acttail_core", description="ActTail Explorer: heavy-tail guided activation sparsity")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,14 +11,13 @@ a second; results are written only after every run finished (atomically).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from . import __version__
-from .cli import add_allocation_arguments, add_model_arguments, build_budget, load_from_args, print_table, register, settings_from_args
+from .cli import (add_allocation_arguments, add_model_arguments, build_budget, load_from_args, model_input, print_table,
+                  register, settings_from_args)
 from .errors import ActTailError
+from .safe_io import check_output, write_json
 
 PPL_CONVENTION = "SparseGPT/Wanda: non-overlapping chunks, ppl = exp(mean token NLL)"
 
@@ -52,6 +51,9 @@ def _check_common(args: argparse.Namespace) -> None:
         check_target(args.sparsity, settings_from_args(args))
     elif not Path(args.budget).is_file():
         raise ActTailError(f"budget file not found: {args.budget}")
+    if args.out:  # a bad --out must not cost a whole run
+        inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, model_input(args)]
+        args.out = check_output(args.out, inputs)
 
 
 def _budget(args: argparse.Namespace, loaded):
@@ -61,16 +63,6 @@ def _budget(args: argparse.Namespace, loaded):
     if args.budget:
         return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint)
     return build_budget(args, loaded, args.sparsity)
-
-
-def _write_json(path: str, data: dict) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, target)
-    return target
 
 
 def _config(args: argparse.Namespace, loaded, budget, **extra) -> dict:
@@ -159,7 +151,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.out:
         config = _config(args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens)
         config["ppl_convention"] = PPL_CONVENTION
-        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
     return 0
 
@@ -218,7 +210,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.out:
         config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
         config["note"] = THROUGHPUT_NOTE
-        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
     return 0
 
