@@ -11,7 +11,6 @@ a second; results are written only after every run finished (atomically).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from . import __version__
 from .cli import (add_allocation_arguments, add_model_arguments, build_budget, load_from_args, model_input, print_table,
@@ -28,6 +27,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_allocation_arguments(parser)
     parser.add_argument("--budget", default=None, help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="use a --budget made for other weights of the same architecture (refused by default)")
     parser.add_argument("--spectra", default=None, help="spectra JSON to allocate from instead of computing it")
     parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES, help="topk (ActTail) or threshold (TEAL-style, calibrated)")
     parser.add_argument("--calib-corpus", default=None, help="threshold mode: calibration text (default: the corpus's own calibration file)")
@@ -49,8 +50,10 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ActTailError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.sparsity is not None:
         check_target(args.sparsity, settings_from_args(args))
-    elif not Path(args.budget).is_file():
-        raise ActTailError(f"budget file not found: {args.budget}")
+    else:
+        from .budget import load_budget
+
+        load_budget(args.budget)  # a malformed budget fails now; the model check follows the load
     if args.out:  # a bad --out must not cost a whole run
         inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, model_input(args)]
         args.out = check_output(args.out, inputs)
@@ -61,7 +64,7 @@ def _budget(args: argparse.Namespace, loaded):
     from .projections import find_projections
 
     if args.budget:
-        return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint)
+        return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint, args.allow_other_weights)
     return build_budget(args, loaded, args.sparsity)
 
 
