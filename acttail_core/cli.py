@@ -41,14 +41,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: bool = True) -> None:
-    from .allocation import DIRECTIONS, GROUPS, AllocationSettings
+    from .allocation import DIRECTIONS, GROUPS, METHODS, AllocationSettings
     from .spectra import DEFAULT_RULE, XMIN_RULES
 
     defaults = AllocationSettings()
     if with_sparsity:
         parser.add_argument("--sparsity", type=float, default=None, help="global target: parameter-weighted mean sparsity in [0, 0.95]")
-    parser.add_argument("--method", default=defaults.method, choices=("uniform", "acttail", "linear", "greedy"))
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="acttail: 0 = uniform, larger = more alpha-driven")
+    parser.add_argument("--method", default=defaults.method, choices=METHODS)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
     parser.add_argument("--eps", type=float, default=defaults.eps, help="linear (AlphaPruning) map: spread in [0, 1)")
     parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
     parser.add_argument("--group", default=defaults.group, choices=GROUPS)
@@ -137,7 +137,7 @@ def budget_summary(budget):
 
 def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
-    from .allocation import allocate, check_target, AllocationSettings
+    from .allocation import allocate, check_target
     from .progress import TqdmProgress
     from .spectra import check_spectra_match, compute_spectra
     from .spectra_io import load_spectra
@@ -145,7 +145,7 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     if args.method == "greedy":
         from .greedy import greedy_budget
 
-        check_target(sparsity, AllocationSettings())
+        check_target(sparsity, settings_from_args(args))
         return greedy_budget(loaded, sparsity, progress=TqdmProgress("greedy"))
     settings = settings_from_args(args)
     if getattr(args, "spectra", None):
