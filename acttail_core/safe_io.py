@@ -98,6 +98,21 @@ def check_output(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), what
     return target
 
 
+def check_output_folder(path: PathLike, what: str = "--out") -> Path:
+    """The expanded path of an output folder: an existing writable folder, or a new one in an existing folder."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise OutputError(f"{what}: the path is empty")
+    folder = Path(text).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what} {folder} exists and is not a folder")
+    home = folder if folder.is_dir() else folder.parent
+    if not home.is_dir():
+        raise OutputError(f"{what} {folder}: folder {home} does not exist")
+    _probe_folder(home, folder / "report", what)
+    return folder
+
+
 def _probe_folder(parent: Path, target: Path, what: str) -> None:
     """Create and remove a file in ``parent``: the only test that holds for root and read-only file systems."""
     try:
