@@ -109,7 +109,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         raise ActTailError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ActTailError(f"--batch-size must be at least 1, got {args.batch_size}")
-    load_text(args.corpus, "eval")  # fails fast on a missing or empty corpus
+    load_text(args.corpus, "eval", max_chars=1 << 16)  # fails fast on a missing or empty corpus, reading only its start
     calib = None
     if args.mode == "threshold":
         calib = args.calib_corpus or default_calibration_corpus(args.corpus)

@@ -172,24 +172,34 @@ def _wikitext2(role: str) -> str:
     return "\n\n".join(data["text"])
 
 
-def _read_file(path: Path) -> str:
+def prefix_chars(max_tokens: Optional[int]) -> Optional[int]:
+    """Characters to read for at most ``max_tokens`` tokens (None: all of them).
+
+    64 characters per token is far above any tokenizer's average on text, so the prefix always holds
+    the tokens; a 400 MB corpus then costs a megabyte of memory for a quick check, not gigabytes.
+    """
+    return None if max_tokens is None else max(64 * max_tokens, 1 << 20)
+
+
+def _read_file(path: Path, max_chars: Optional[int] = None) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as handle:
+            return handle.read(-1 if max_chars is None else max_chars)
     except UnicodeDecodeError:
         raise CorpusError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
         raise CorpusError(f"could not read {path}: {exc.strerror or exc}") from None
 
 
-def load_text(corpus: str, role: str = "eval") -> str:
-    """The raw text of a corpus for a role (``eval`` or ``calibration``)."""
+def load_text(corpus: str, role: str = "eval", max_chars: Optional[int] = None) -> str:
+    """The raw text of a corpus for a role (``eval`` or ``calibration``); with ``max_chars``, only its start."""
     if role not in ROLES:
         raise CorpusError(f"unknown corpus role {role!r}; choose eval or calibration")
     if corpus == "demo" or corpus.startswith("demo:"):
         name = DEMO_ROLES[role] if corpus == "demo" else corpus.split(":", 1)[1]
         if name not in DEMO_FILES:
             raise CorpusError(f"unknown demo text {name!r}; choose one of {', '.join(DEMO_FILES)}")
-        text = _read_file(ensure_demo_corpus() / f"{name}.txt")
+        text = _read_file(ensure_demo_corpus() / f"{name}.txt", max_chars)
     elif corpus == "wikitext2":
         text = _wikitext2(role)
     else:
@@ -200,8 +210,10 @@ def load_text(corpus: str, role: str = "eval") -> str:
             raise CorpusError(
                 f"{corpus} is the evaluation text; threshold calibration needs a different text: pass --calib-corpus (e.g. demo)"
             )
-        text = _read_file(path)
-    if not text.strip():
+        text = _read_file(path, max_chars)
+    if max_chars is not None:
+        text = text[:max_chars]
+    if not text or text.isspace():  # not text.strip(): that would copy the whole text
         raise CorpusError(f"corpus {corpus!r} ({role}) is empty")
     return text
 
