@@ -23,7 +23,12 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one ``error: ...`` line (exit 2) like every other user error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """A message kept to one line even when it quotes user input with line breaks (a path, an argument)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def model_input(args: argparse.Namespace) -> Optional[str]:
@@ -102,7 +107,7 @@ def _spectra_run(args: argparse.Namespace) -> int:
     from .spectra import compute_spectra
     from .spectra_io import save_spectra
 
-    if args.out:
+    if args.out is not None:
         args.out = check_output(args.out, [model_input(args)])  # before the slow work, not after it
     loaded = load_from_args(args)
     spectra = compute_spectra(loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra"))
@@ -230,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args)
     except ActTailError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

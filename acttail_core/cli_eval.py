@@ -54,7 +54,7 @@ def _check_common(args: argparse.Namespace) -> None:
         from .budget import load_budget
 
         load_budget(args.budget)  # a malformed budget fails now; the model check follows the load
-    if args.out:  # a bad --out must not cost a whole run
+    if args.out is not None:  # a bad --out (even an empty one) must not cost a whole run
         inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, model_input(args)]
         args.out = check_output(args.out, inputs)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def load_text(corpus: str, role: str = "eval", max_chars: Optional[int] = None) 
     elif corpus == "wikitext2":
         text = _wikitext2(role)
     else:
-        path = Path(corpus).expanduser()
+        path = Path(os.path.expanduser(corpus))  # Path.expanduser raises for an unknown ~user
         if not path.is_file():
             raise CorpusError(f"corpus {corpus!r} not found: use demo, demo:NAME, wikitext2 or a path to a text file")
         if role == "calibration":
@@ -253,7 +254,7 @@ def same_text(eval_corpus: str, calib_corpus: str) -> bool:
             return "wikitext2:" + role
         if corpus.startswith("demo:"):
             return corpus
-        return str(Path(corpus).expanduser().resolve())
+        return str(Path(os.path.expanduser(corpus)).resolve())
 
     return resolve(eval_corpus, "eval") == resolve(calib_corpus, "calibration")
 

@@ -55,7 +55,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def cache_root() -> Path:
     """Where converted models, spectra and calibrations are kept."""
-    return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail")).expanduser()
+    return Path(os.path.expanduser(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail")))
 
 
 @dataclass
@@ -274,7 +274,7 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
     if ref in PACKAGED_MODELS:
         label, locate = PACKAGED_MODELS[ref]
         return str(convert_gguf(locate(), label, progress)), True
-    path = Path(ref).expanduser()
+    path = Path(os.path.expanduser(ref))  # Path.expanduser raises for an unknown ~user
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")

@@ -49,7 +49,7 @@ def _expand(path: PathLike, what: str) -> Path:
         raise OutputError(f"{what}: the path is empty")
     if text.endswith(("/", os.sep)):
         raise OutputError(f"{what} {text}: ends with '/'; give a file name")
-    return Path(text).expanduser()
+    return Path(os.path.expanduser(text))  # Path.expanduser raises for an unknown ~user
 
 
 def _inside(target: Path, folder: Path) -> bool:
@@ -89,7 +89,7 @@ def check_output(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), what
     for source in inputs:
         if source is None or not os.fspath(source):
             continue
-        source_path = Path(os.fspath(source)).expanduser()
+        source_path = Path(os.path.expanduser(os.fspath(source)))
         if info is not None and source_path.exists() and os.path.samefile(target, source_path):
             raise OutputError(f"{what} {target} is the input {source}; write the result to another file")
         if source_path.is_dir() and _inside(target, source_path):
@@ -103,7 +103,7 @@ def check_output_folder(path: PathLike, what: str = "--out") -> Path:
     text = os.fspath(path)
     if not text.strip():
         raise OutputError(f"{what}: the path is empty")
-    folder = Path(text).expanduser()
+    folder = Path(os.path.expanduser(text))
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{what} {folder} exists and is not a folder")
     home = folder if folder.is_dir() else folder.parent

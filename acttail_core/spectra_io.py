@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -88,7 +89,7 @@ def save_spectra(spectra: Spectra, path: str | Path) -> Path:
 
 
 def _in_cache(path: Path) -> bool:
-    return path.expanduser().resolve().parent == (cache_root() / "spectra").resolve()
+    return Path(os.path.expanduser(path)).resolve().parent == (cache_root() / "spectra").resolve()
 
 
 def _store_cached(path: Path, data: bytes) -> None:
