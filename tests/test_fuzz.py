@@ -57,6 +57,7 @@ from acttail_core.spectra_io import cache_path, load_spectra, spectra_to_dict
 from tests.conftest import byte_tokenizer, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_CACHE = os.environ.get("ACTTAIL_CACHE")  # before the env fixture points ACTTAIL_CACHE elsewhere
 TRIED: Counter = Counter()  # inputs tried per class, printed by report_counts
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 IS_ROOT = os.geteuid() == 0
@@ -648,11 +649,16 @@ def test_converted_model_cache_damage_is_detected(tiny_converted, damage, pick, 
         assert models.converted_cache_problem(folder) is not None
 
 
-def test_damaged_default_model_cache_is_converted_again(default_loaded, tmp_path, monkeypatch, caplog) -> None:
+def test_damaged_default_model_cache_is_converted_again(tmp_path, monkeypatch, caplog) -> None:
     """End to end on a copy of the real cache: a truncated model.safetensors is converted again, with one notice;
     killed conversions' temp folders are swept, a live one is left alone, the shared cache is untouched."""
     TRIED["cache corruption"] += 1
+    if SHARED_CACHE is None:
+        monkeypatch.delenv("ACTTAIL_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("ACTTAIL_CACHE", SHARED_CACHE)
     gguf = models.default_model_gguf()
+    models.convert_gguf(gguf, "smollm2-135m-instruct")  # the shared cache as the set-up leaves it
     real = models._gguf_cache_dir(gguf, "smollm2-135m-instruct")
     assert models.converted_cache_problem(real) is None
     shared_weights = real / "model.safetensors"
@@ -673,7 +679,8 @@ def test_damaged_default_model_cache_is_converted_again(default_loaded, tmp_path
     try:
         with caplog.at_level(logging.WARNING, logger="acttail_core.models"):
             loaded = models.load_model("default")
-        assert loaded.fingerprint == default_loaded.fingerprint
+        assert loaded.source == str(copy)
+        assert file_sha256(copy / "model.safetensors") == shared_hash  # the conversion is deterministic
         notices = [r.getMessage() for r in caplog.records if r.name == "acttail_core.models"]
         assert len(notices) == 1 and "damaged" in notices[0] and "\n" not in notices[0], notices
         assert models.converted_cache_problem(copy) is None
