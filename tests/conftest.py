@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama (fast, for unit tests) and the real default model (end to end)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -55,3 +57,11 @@ def default_loaded() -> LoadedModel:
     from acttail_core.models import load_model
 
     return load_model("default")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fuzz suite's count of inputs tried per class (the closing note of issue 14 reports it)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and fuzz.TRIED:
+        summary = ", ".join(f"{name} {count}" for name, count in fuzz.TRIED.items())
+        terminalreporter.write_line(f"fuzz inputs tried: {summary} (total {sum(fuzz.TRIED.values())})")

@@ -58,20 +58,11 @@ from tests.conftest import byte_tokenizer, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CACHE = os.environ.get("ACTTAIL_CACHE")  # before the env fixture points ACTTAIL_CACHE elsewhere
-TRIED: Counter = Counter()  # inputs tried per class, printed by report_counts
+TRIED: Counter = Counter()  # inputs tried per class, printed at the end of the run (tests/conftest.py)
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 IS_ROOT = os.geteuid() == 0
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_counts(request):
-    yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if TRIED and reporter is not None:
-        summary = ", ".join(f"{name} {count}" for name, count in TRIED.items())
-        reporter.write_line(f"\nfuzz inputs tried: {summary} (total {sum(TRIED.values())})")
 
 
 # --------------------------------------------------------------------------- harness
@@ -283,10 +274,11 @@ def make_target(kind: str, work: Path, command: str) -> tuple[str, bool]:
     raise AssertionError(kind)
 
 
-TARGET_KINDS = ["new", "existing file (mode 0640 kept)", "read-only file", "folder", "trailing slash", "symlink to a file",
-                "dangling symlink", "fifo", "socket", "device", "missing parent", "parent is a file", "empty path",
-                "an input", "an input spelled differently", "hard link to an input", "home", "name too long", "odd name",
-                "starts with a dash"]
+TARGET_KINDS = [
+    "new", "existing file (mode 0640 kept)", "read-only file", "folder", "trailing slash", "symlink to a file",
+    "dangling symlink", "fifo", "socket", "device", "missing parent", "parent is a file", "empty path", "an input",
+    "an input spelled differently", "hard link to an input", "home", "name too long", "odd name", "starts with a dash",
+]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -418,14 +410,17 @@ def mutated_budgets(draw, base: dict) -> bytes:
             data[draw(st.sampled_from(TOP_FIELDS))] = draw(json_values)
         elif op == "delete":
             data.pop(draw(st.sampled_from(TOP_FIELDS)), None)
-        elif op in ("set entry", "delete entry field", "nudge") and entries and index < len(entries) and isinstance(entries[index], dict):
+        elif op in ("set entry", "delete entry field", "nudge") and entries and index < len(entries):
+            entry = entries[index]
+            if not isinstance(entry, dict):
+                continue
             field = draw(st.sampled_from(ENTRY_FIELDS))
             if op == "set entry":
-                entries[index][field] = draw(json_values)
+                entry[field] = draw(json_values)
             elif op == "delete entry field":
-                entries[index].pop(field, None)
-            elif isinstance(entries[index].get(field), (int, float)) and not isinstance(entries[index].get(field), bool):
-                entries[index][field] += draw(st.sampled_from([1, -1, 1e-7, -1e-7, 0.5, 1e-12]))
+                entry.pop(field, None)
+            elif isinstance(entry.get(field), (int, float)) and not isinstance(entry.get(field), bool):
+                entry[field] += draw(st.sampled_from([1, -1, 1e-7, -1e-7, 0.5, 1e-12]))
         elif op == "swap names" and entries and len(entries) > 1 and all(isinstance(e, dict) for e in entries[:2]):
             entries[0]["name"], entries[1]["name"] = entries[1].get("name"), entries[0].get("name")
         elif op == "drop entry" and entries:
@@ -509,7 +504,8 @@ def cli_arguments(draw, env_budget: dict) -> tuple[list[str], dict]:
     options: dict[str, Optional[str]] = {}
     extra_files: dict[str, bytes] = {}
     if command != "spectra":
-        source = draw(one_of("sparsity", "sparsity", "budget", "both", "neither")) if command != "allocate" else "sparsity"
+        sources = ("sparsity",) if command == "allocate" else ("sparsity", "sparsity", "budget", "both", "neither")
+        source = draw(one_of(*sources))
         if source in ("sparsity", "both"):
             options["--sparsity"] = draw(st.integers(0, 4).flatmap(
                 lambda r: junk_floats if r == 0 else st.floats(0, 0.95).map(repr)))
@@ -529,8 +525,8 @@ def cli_arguments(draw, env_budget: dict) -> tuple[list[str], dict]:
     inputs = {"allocate": "spectra.json", "eval": "in-budget.json", "bench": "in-budget.json", "spectra": "adir"}
     options["--out"] = draw(pick(one_of("out.json", "~/o.json"), one_of("adir", "", "missing/o.json", inputs[command])))
     if command == "allocate":
-        options["--spectra"] = draw(pick(one_of("spectra.json"), one_of("corrupt.json", "missing.json", "in-budget.json",
-                                                                       "binary.bin")))
+        options["--spectra"] = draw(pick(one_of("spectra.json"),
+                                         one_of("corrupt.json", "missing.json", "in-budget.json", "binary.bin")))
     if command in ("eval", "bench"):
         options["--mode"] = draw(pick(one_of("topk", "threshold"), one_of("magic")))
         options["--calib-tokens"] = draw(pick(one_of("64"), one_of("1", "x")))
@@ -546,7 +542,8 @@ def cli_arguments(draw, env_budget: dict) -> tuple[list[str], dict]:
         options["--batch-size"] = draw(pick(one_of("1", "3"), one_of("0", "-1")))
     if command == "bench":
         options["--prompt-len"] = draw(pick(one_of("1", "16"), one_of("0", "-2", "x", "600")))
-        options["--new-tokens"] = draw(st.integers(0, 5).flatmap(lambda r: one_of("0", "x") if r == 0 else one_of("1", "2")))
+        options["--new-tokens"] = draw(st.integers(0, 5).flatmap(
+            lambda r: one_of("0", "x") if r == 0 else one_of("1", "2")))
         options["--repeats"] = draw(st.integers(0, 5).flatmap(lambda r: one_of("0", "x") if r == 0 else one_of("1")))
     argv = [command]
     for name, value in options.items():
@@ -817,7 +814,8 @@ def tiny_dir(env, tmp_path_factory) -> Path:
 
 
 def allocate_argv(tiny_dir: Path) -> list[str]:
-    return ["allocate", "--model", str(tiny_dir), "--spectra", "spectra.json", "--sparsity", "0.6", "--out", "budget.json"]
+    return ["allocate", "--model", str(tiny_dir), "--spectra", "spectra.json", "--sparsity", "0.6",
+            "--out", "budget.json"]
 
 
 def assert_rerun_matches(env, work: Path, tiny_dir: Path) -> None:
