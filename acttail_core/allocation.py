@@ -25,11 +25,12 @@ kept is log-linear in the score,
     keep_i = clip(c * exp(-T * score_i), 1 - upper, 1 - lower),  s_i = 1 - keep_i,
 
 with ``c`` found by bisection (on ``log c``, so no exponential overflows at any
-accepted ``T``) so that the weighted mean sparsity is exactly ``s``. ``T = 0`` is exactly uniform; ``T = 1`` lets a projection one standard
-deviation above the mean keep ``e`` times fewer inputs than one at the mean;
-larger ``T`` is more strongly alpha-driven. Working on the kept fraction makes
-``T`` mean the same relative change at every sparsity, and clipping with
-redistribution keeps the mean exact at high targets.
+accepted ``T``) so that the weighted mean sparsity is exactly ``s``. ``T = 0`` is
+exactly uniform; ``T = 1`` lets a projection one standard deviation above the
+mean keep ``e`` times fewer inputs than one at the mean; larger ``T`` is more
+strongly alpha-driven. Working on the kept fraction makes ``T`` mean the same
+relative change at every sparsity, and clipping with redistribution keeps the
+mean exact at high targets.
 
 ``linear`` (``eps`` in [0, 1)): AlphaPruning's map on the min-max scaled score,
 ``eta_i = (1 - eps) + 2 eps (score_i - min) / (max - min)``,

@@ -314,7 +314,10 @@ def _read_capped(path: Path) -> bytes:
 
 
 def check_budget_matches(
-    budget: Budget, projections: Sequence[Projection], fingerprint: Optional[str] = None, allow_other_weights: bool = False
+    budget: Budget,
+    projections: Sequence[Projection],
+    fingerprint: Optional[str] = None,
+    allow_other_weights: bool = False,
 ) -> None:
     """Raise ``BudgetError`` unless the budget's projections are exactly the model's (name, layer, type, shape).
 

@@ -53,7 +53,8 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
     if with_sparsity:
         parser.add_argument("--sparsity", type=float, default=None, help="global target: parameter-weighted mean sparsity in [0, 0.95]")
     parser.add_argument("--method", default=defaults.method, choices=METHODS)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
     parser.add_argument("--eps", type=float, default=defaults.eps, help="linear (AlphaPruning) map: spread in [0, 1)")
     parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
     parser.add_argument("--group", default=defaults.group, choices=GROUPS)
@@ -205,7 +206,8 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = OneLineParser(prog="python -m acttail_core", description="ActTail Explorer: heavy-tail guided activation sparsity")
+    parser = OneLineParser(prog="python -m acttail_core",
+                           description="ActTail Explorer: heavy-tail guided activation sparsity")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)

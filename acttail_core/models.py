@@ -194,7 +194,8 @@ CACHE_FORMAT = 2
 
 def _gguf_cache_dir(gguf: Path, label: Optional[str] = None) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}".encode()).hexdigest()[:12]
+    identity = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{label or gguf.stem}-{key}"
 
 

@@ -11,8 +11,9 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from acttail_core.allocation import (DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, check_target,
-                                     uniform_budget)
+from acttail_core.allocation import (
+    DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, check_target, uniform_budget,
+)
 from acttail_core.budget import MAX_BUDGET_BYTES, Budget, load_budget
 from acttail_core.errors import ActTailError
 from acttail_core.greedy import greedy_budget

@@ -35,8 +35,8 @@ def sidebar() -> None:
         )
         if choice in state.MODEL_CHOICES_WITH_PATH:
             placeholder = {"local directory": "/path/to/model-dir", "gguf file": "/path/to/model.gguf", "hub id": "meta-llama/Llama-2-7b-hf"}[choice]
-            st.text_input("Path or hub id", key="path", bind="query-params", placeholder=placeholder, help="Press Enter to load.",
-                          on_change=state.mark_path_typed)
+            st.text_input("Path or hub id", key="path", bind="query-params", placeholder=placeholder,
+                          help="Press Enter to load.", on_change=state.mark_path_typed)
         devices = state.device_choices()
         st.selectbox("Device", devices, key="device", bind="query-params", help="cuda when a GPU is present; auto spreads a large model over all GPUs.")
         st.selectbox("dtype", state.DTYPE_CHOICES, key="dtype", bind="query-params", help="auto: float32 on CPU, bfloat16 on GPU.")

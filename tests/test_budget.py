@@ -169,4 +169,5 @@ def test_another_models_budget_needs_an_explicit_override(tiny_budget, tiny_load
     data = mutate(tiny_budget, lambda d: d.update(model_fingerprint="0123456789abcdef"))
     with pytest.raises(BudgetError, match="made for weights 0123456789abcdef.*--allow-other-weights"):
         load_budget(data, projections, tiny_loaded.fingerprint)
-    assert load_budget(data, projections, tiny_loaded.fingerprint, allow_other_weights=True).model_fingerprint == "0123456789abcdef"
+    allowed = load_budget(data, projections, tiny_loaded.fingerprint, allow_other_weights=True)
+    assert allowed.model_fingerprint == "0123456789abcdef"

@@ -37,7 +37,8 @@ def test_exact_target_and_bounds(target, scope) -> None:
 )
 def test_exact_target_for_any_curves(sizes, target, scope, seed) -> None:
     """Any projection sizes and any non-decreasing error curves: weighted mean exact, every s_i in [0, 0.95]."""
-    projections = [Projection(f"model.layers.{l}.p{i}", l, "q", n_in, n_out) for i, (l, n_in, n_out) in enumerate(sizes)]
+    projections = [Projection(f"model.layers.{layer}.p{i}", layer, "q", n_in, n_out)
+                   for i, (layer, n_in, n_out) in enumerate(sizes)]
     steps = np.random.default_rng(seed).exponential(size=(len(sizes), len(LEVELS) - 1))
     errors = np.concatenate([np.zeros((len(sizes), 1)), np.cumsum(steps, axis=1)], axis=1)
     s = greedy_sparsities(ErrorCurves(projections, LEVELS.copy(), errors, "synthetic", 0), target, scope)
