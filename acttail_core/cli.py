@@ -170,6 +170,10 @@ def _allocate_run(args: argparse.Namespace) -> int:
         raise ActTailError("--sparsity is required (a number in [0, 0.95])")
     check_target(args.sparsity, settings_from_args(args))  # fail before the slow model load
     args.out = check_output(args.out, [args.spectra, model_input(args)])
+    if args.spectra:
+        from .spectra_io import load_spectra
+
+        load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
     loaded = load_from_args(args)
     budget = build_budget(args, loaded, args.sparsity)
     print_table(
