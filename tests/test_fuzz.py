@@ -54,7 +54,7 @@ from acttail_core.models import from_module
 from acttail_core.projections import find_projections
 from acttail_core.spectra import compute_spectra
 from acttail_core.spectra_io import cache_path, load_spectra, spectra_to_dict
-from tests.conftest import byte_tokenizer, make_tiny_llama
+from tests.conftest import FUZZ_COUNTS, byte_tokenizer, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CACHE = os.environ.get("ACTTAIL_CACHE")  # before the env fixture points ACTTAIL_CACHE elsewhere
@@ -63,6 +63,11 @@ FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fi
 IS_ROOT = os.geteuid() == 0
 
 pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def count_inputs(request):
+    request.config.stash[FUZZ_COUNTS] = TRIED
 
 
 # --------------------------------------------------------------------------- harness
