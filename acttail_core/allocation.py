@@ -19,41 +19,45 @@ Methods
 -------
 ``uniform``: ``s_i = s``.
 
-``acttail`` (temperature ``T >= 0``, default 0.15): the fraction of inputs kept is
-log-linear in the score,
+``acttail`` (temperature ``0 <= T <= 1000``, default 0.15): the fraction of inputs
+kept is log-linear in the score,
 
     keep_i = clip(c * exp(-T * score_i), 1 - upper, 1 - lower),  s_i = 1 - keep_i,
 
-with ``c`` found by bisection so that the weighted mean sparsity is exactly
-``s``. ``T = 0`` is exactly uniform; ``T = 1`` lets a projection one standard
-deviation above the mean keep ``e`` times fewer inputs than one at the mean;
-larger ``T`` is more strongly alpha-driven. Working on the kept fraction makes
-``T`` mean the same relative change at every sparsity, and clipping with
-redistribution keeps the mean exact at high targets.
+with ``c`` found by bisection (on ``log c``, so no exponential overflows at any
+accepted ``T``) so that the weighted mean sparsity is exactly ``s``. ``T = 0`` is
+exactly uniform; ``T = 1`` lets a projection one standard deviation above the
+mean keep ``e`` times fewer inputs than one at the mean; larger ``T`` is more
+strongly alpha-driven. Working on the kept fraction makes ``T`` mean the same
+relative change at every sparsity, and clipping with redistribution keeps the
+mean exact at high targets.
 
 ``linear`` (``eps`` in [0, 1)): AlphaPruning's map on the min-max scaled score,
 ``eta_i = (1 - eps) + 2 eps (score_i - min) / (max - min)``,
 ``s_i = clip(c * eta_i, lower, upper)`` with ``c`` solved the same way.
 
 Both maps are monotone in alpha in the chosen direction (clipping preserves
-order), and both redistribute clipped mass by re-solving ``c``.
+order), and both redistribute clipped mass by re-solving ``c``. The target must
+lie in ``[0, 0.95]`` and in ``[lower, upper]``; anything else is refused.
+
+``greedy`` is listed with the methods but needs the model, not alpha: see
+``greedy.greedy_budget``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .budget import Budget, make_budget
+from .budget import MAX_TARGET, MAX_TEMPERATURE, METHODS, Budget, make_budget
 from .errors import ActTailError
 from .projections import Projection
 from .spectra import Spectra, finite_alpha
 
-METHODS = ("uniform", "acttail", "linear")
 DIRECTIONS = ("keep-heavy", "keep-light")
 GROUPS = ("projection", "type", "layer")
-MAX_TARGET = 0.95
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,8 @@ class AllocationSettings:
             raise ActTailError(f"unknown direction {self.direction!r}; choose keep-heavy or keep-light")
         if self.group not in GROUPS:
             raise ActTailError(f"unknown group {self.group!r}; choose projection, type or layer")
-        if not (np.isfinite(self.temperature) and self.temperature >= 0):
-            raise ActTailError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (np.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ActTailError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not (0 <= self.eps < 1):
             raise ActTailError(f"eps must be in [0, 1), got {self.eps}")
         if not (0 <= self.lower < self.upper < 1):
@@ -92,8 +96,9 @@ class AllocationSettings:
 
 
 def check_target(sparsity: float, settings: AllocationSettings) -> None:
-    if not np.isfinite(sparsity) or not (0 <= sparsity < 1):
-        raise ActTailError(f"sparsity must be in [0, 1), got {sparsity}")
+    """Refuse a target outside [0, MAX_TARGET] (to rounding: a budget's effective sparsity may exceed it by 1e-9)."""
+    if not np.isfinite(sparsity) or not (0 <= sparsity <= MAX_TARGET + 1e-9):
+        raise ActTailError(f"sparsity must be in [0, {MAX_TARGET:g}], got {sparsity}")
     if not (settings.lower <= sparsity <= settings.upper):
         raise ActTailError(f"sparsity {sparsity} is outside the bounds [{settings.lower}, {settings.upper}]")
 
@@ -132,39 +137,32 @@ def scores(
     return z if direction == "keep-heavy" else -z
 
 
-def _solve_scale(base: np.ndarray, weights: np.ndarray, target: float, low: float, high: float) -> np.ndarray:
-    """Find c with mean_w(clip(c * base, low, high)) == target; return the clipped values.
+def _solve(values_at: Callable[[float], np.ndarray], weights: np.ndarray, target: float, lo: float, hi: float,
+           low: float, high: float) -> np.ndarray:
+    """Values ``values_at(b)`` in [low, high] whose weighted mean is ``target``.
 
-    ``base`` > 0. The mean is continuous and non-decreasing in c, so bisection converges.
+    ``values_at`` is continuous and non-decreasing in ``b`` for every entry, with every entry at
+    ``low`` for ``b = lo`` and at ``high`` for ``b = hi``. So the mean crosses the target inside
+    [lo, hi]: bisection runs until the bracket is two adjacent floats (a finite bracket, so it always
+    ends), then the last rounding error is spread over the entries strictly inside their bounds.
     """
     w = weights / weights.sum()
-
-    def mean_at(c: float) -> float:
-        return float(np.dot(w, np.clip(c * base, low, high)))
-
-    if target <= low + 1e-15:
-        return np.full_like(base, low)
-    if target >= high - 1e-15:
-        return np.full_like(base, high)
-    lo, hi = 0.0, 1.0
-    while mean_at(hi) < target:
-        hi *= 2.0
-        if hi > 1e300:
-            raise ActTailError("allocation did not converge: target unreachable within the bounds")
-    for _ in range(200):
+    if target <= low:
+        return np.full(len(w), low)
+    if target >= high:
+        return np.full(len(w), high)
+    while True:
         mid = 0.5 * (lo + hi)
-        if mean_at(mid) < target:
+        if not lo < mid < hi:
+            break
+        if float(np.dot(w, values_at(mid))) < target:
             lo = mid
         else:
             hi = mid
-        if hi - lo <= 1e-16 * hi:
-            break
-    values = np.clip(hi * base, low, high)
-    # Remove the last ~1e-16 of error on the unclipped entries so the mean is exact.
+    values = values_at(hi)
     free = (values > low) & (values < high)
     if free.any():
-        residual = target - float(np.dot(w, values))
-        values[free] += residual / w[free].sum()
+        values[free] += (target - float(np.dot(w, values))) / w[free].sum()
         values = np.clip(values, low, high)
     return values
 
@@ -175,9 +173,11 @@ def allocate_sparsities(
     sparsity: float,
     settings: AllocationSettings = AllocationSettings(),
 ) -> np.ndarray:
-    """Per-projection sparsities (same order as ``projections``)."""
+    """Per-projection sparsities (same order as ``projections``) from alpha; greedy needs the model instead."""
     settings.validate()
     check_target(sparsity, settings)
+    if settings.method == "greedy":
+        raise ActTailError("the greedy method measures the model's output error: use greedy.greedy_budget")
     params = np.array([p.params for p in projections], dtype=np.float64)
     n = len(projections)
     if settings.method == "uniform" or sparsity == 0 or (settings.method == "linear" and settings.eps == 0):
@@ -186,16 +186,27 @@ def allocate_sparsities(
     if settings.method == "acttail":
         if settings.temperature == 0:
             return np.full(n, float(sparsity))
-        keep_base = np.exp(-settings.temperature * (score - score.max()))  # shift: avoids overflow, c absorbs it
-        keep = _solve_scale(keep_base, params, 1.0 - sparsity, 1.0 - settings.upper, 1.0 - settings.lower)
-        return 1.0 - keep
+        # In log space, log keep_i = clip(b - T score_i, log low, log high) with b = log c: no exp can
+        # overflow or underflow to zero at any accepted T, and b has a finite bracket.
+        low, high = 1.0 - settings.upper, 1.0 - settings.lower
+        exponent = -settings.temperature * score
+        log_low, log_high = math.log(low), math.log(high)
+
+        def keep_at(b: float) -> np.ndarray:
+            return np.exp(np.clip(b + exponent, log_low, log_high))
+
+        keep = _solve(keep_at, params, 1.0 - sparsity, log_low - exponent.max(), log_high - exponent.min(), low, high)
+        # 1 - (1 - lower) can round below lower (lower = 1e-300 gives 0): clip back into the bounds
+        return np.clip(1.0 - keep, settings.lower, settings.upper)
     # linear (AlphaPruning)
     spread = score.max() - score.min()
     unit = (score - score.min()) / spread if spread > 1e-12 else np.full(n, 0.5)
-    eta = (1 - settings.eps) + 2 * settings.eps * unit
-    if settings.eps >= 1 - 1e-12:
-        eta = np.maximum(eta, 1e-12)
-    return _solve_scale(eta, params, sparsity, settings.lower, settings.upper)
+    eta = (1 - settings.eps) + 2 * settings.eps * unit  # >= 1 - eps > 0
+
+    def sparsity_at(c: float) -> np.ndarray:
+        return np.clip(c * eta, settings.lower, settings.upper)
+
+    return _solve(sparsity_at, params, sparsity, 0.0, settings.upper / eta.min(), settings.lower, settings.upper)
 
 
 def allocate(spectra: Spectra, sparsity: float, settings: AllocationSettings = AllocationSettings()) -> Budget:

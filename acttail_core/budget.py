@@ -22,15 +22,19 @@ Schema (``schema_version`` 1)::
     }
 
 ``keep`` is the number of input entries kept per token: ``round((1 - sparsity) * in_features)``
-(halves rounded up).
+(halves rounded up), at least 1.
+
+Parsing is strict: JSON types exactly as above (``1`` for ``schema_version``, not ``"1"``,
+``1.0`` or ``true``), no duplicate keys, at most ``MAX_BUDGET_BYTES``, no NaN, ``target_sparsity``
+equal to the body's weighted mean, and, given the model, every entry's name, layer, type and
+shape equal to the model's. A budget made for other weights (another fingerprint) is refused
+unless the caller allows it explicitly.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -40,11 +44,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import __version__
 from .errors import BudgetError
 from .projections import Projection
+from .safe_io import write_text
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 METHODS = ("uniform", "acttail", "linear", "greedy")
+MAX_TARGET = 0.95  # the highest global target any method accepts
+# Past T ~ 50 the acttail map is already a strict ordering by score; the cap keeps T * score far from overflow.
+MAX_TEMPERATURE = 1000.0
+MAX_BUDGET_BYTES = 4 << 20  # a 400B-parameter model's budget is about 250 kB
 
 
 def keep_count(sparsity: float, in_features: int) -> int:
@@ -53,7 +62,7 @@ def keep_count(sparsity: float, in_features: int) -> int:
 
 
 class BudgetEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
     name: str = Field(min_length=1)
     layer: int = Field(ge=0)
@@ -63,7 +72,7 @@ class BudgetEntry(BaseModel):
     params: int = Field(gt=0)
     alpha: Optional[float] = None
     sparsity: float = Field(ge=0.0, lt=1.0)
-    keep: int = Field(ge=0)
+    keep: int = Field(ge=1)  # a projection whose every input is zeroed is not sparsity, it is removal
 
     @model_validator(mode="after")
     def _consistent(self) -> "BudgetEntry":
@@ -76,15 +85,15 @@ class BudgetEntry(BaseModel):
 
 
 class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, protected_namespaces=(), strict=True)
 
     schema_version: int
     model_name: str
-    model_fingerprint: str
+    model_fingerprint: str = Field(min_length=1)
     method: str
-    target_sparsity: float = Field(ge=0.0, lt=1.0)
-    temperature: Optional[float] = None
-    eps: Optional[float] = None
+    target_sparsity: float = Field(ge=0.0, le=MAX_TARGET)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    eps: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     direction: Optional[Literal["keep-heavy", "keep-light"]] = None
     group: Optional[Literal["projection", "type", "layer"]] = None
     xmin_rule: Optional[Literal["ks", "peak", "mid"]] = None
@@ -108,6 +117,15 @@ class Budget(BaseModel):
             raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
         return value
 
+    @field_validator("created_at")
+    @classmethod
+    def _created_at(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 date and time: {value[:40]!r}") from None
+        return value
+
     @model_validator(mode="after")
     def _body(self) -> "Budget":
         seen: set[str] = set()
@@ -119,6 +137,10 @@ class Budget(BaseModel):
         if abs(measured - self.effective_sparsity) > 1e-6:
             raise ValueError(
                 f"effective_sparsity {self.effective_sparsity} does not match the projections' weighted mean {measured:.6f}"
+            )
+        if abs(self.target_sparsity - self.effective_sparsity) > 1e-6:  # every method meets its target exactly
+            raise ValueError(
+                f"target_sparsity {self.target_sparsity} does not match the projections' weighted mean {measured:.6f}"
             )
         return self
 
@@ -212,6 +234,36 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: {where}: {message}{more}"
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object hook: plain json.loads keeps the last of two equal keys, silently."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
+def parse_json(raw: bytes, source: str = "budget") -> Any:
+    """JSON from untrusted bytes: size-capped, duplicate keys refused, pathological input one ``BudgetError`` line."""
+    if len(raw) > MAX_BUDGET_BYTES:
+        raise BudgetError(f"{source}: {len(raw)} bytes, more than a budget can be ({MAX_BUDGET_BYTES >> 20} MB)")
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise BudgetError(f"{source}: duplicate key {str(exc)[:60]!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BudgetError(f"{source}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise BudgetError(f"{source}: not a budget (JSON nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise BudgetError(f"{source}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+
+
 def parse_budget(data: Any, source: str = "budget") -> Budget:
     if not isinstance(data, dict):
         raise BudgetError(f"{source}: expected a JSON object at the top level")
@@ -219,17 +271,20 @@ def parse_budget(data: Any, source: str = "budget") -> Budget:
         return Budget.model_validate(data)
     except ValidationError as exc:
         raise BudgetError(_describe(exc, source)) from None
+    except RecursionError:  # a dict built in Python, nested absurdly deep
+        raise BudgetError(f"{source}: not a budget (nested too deeply)") from None
 
 
 def load_budget(
     source: str | Path | bytes | dict,
     projections: Optional[Sequence[Projection]] = None,
     fingerprint: Optional[str] = None,
+    allow_other_weights: bool = False,
 ) -> Budget:
     """Read and validate a budget from a path, raw JSON bytes/str, or a dict.
 
     Given the model's ``projections`` (and optionally its ``fingerprint``), also
-    checks that the budget was made for that model.
+    checks that the budget was made for that model (see ``check_budget_matches``).
     """
     label = "budget"
     if isinstance(source, dict):
@@ -238,23 +293,37 @@ def load_budget(
         if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
             path = Path(source)
             label = str(path)
-            if not path.is_file():
-                raise BudgetError(f"budget file not found: {path}")
-            raw = path.read_bytes()
+            raw = _read_capped(path)
         else:
-            raw = source.encode() if isinstance(source, str) else source
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BudgetError(f"{label}: not valid JSON ({exc})") from None
+            raw = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else source
+        data = parse_json(raw, label)
     budget = parse_budget(data, label)
     if projections is not None:
-        check_budget_matches(budget, projections, fingerprint)
+        check_budget_matches(budget, projections, fingerprint, allow_other_weights)
     return budget
 
 
-def check_budget_matches(budget: Budget, projections: Sequence[Projection], fingerprint: Optional[str] = None) -> None:
-    """Raise ``BudgetError`` if the budget's projections are not exactly the model's."""
+def _read_capped(path: Path) -> bytes:
+    if not path.is_file():
+        raise BudgetError(f"budget file not found: {path}" if not path.exists() else f"{path}: not a regular file")
+    try:
+        with path.open("rb") as handle:
+            return handle.read(MAX_BUDGET_BYTES + 1)  # parse_json reports the excess
+    except OSError as exc:
+        raise BudgetError(f"could not read {path}: {exc.strerror or exc}") from None
+
+
+def check_budget_matches(
+    budget: Budget,
+    projections: Sequence[Projection],
+    fingerprint: Optional[str] = None,
+    allow_other_weights: bool = False,
+) -> None:
+    """Raise ``BudgetError`` unless the budget's projections are exactly the model's (name, layer, type, shape).
+
+    With ``fingerprint``, a budget made for other weights (a fine-tune of the same architecture) is refused
+    too, unless ``allow_other_weights``: its alphas were measured on other weights.
+    """
     by_name = {p.name: p for p in projections}
     names = [e.name for e in budget.projections]
     missing = [p.name for p in projections if p.name not in set(names)]
@@ -272,19 +341,21 @@ def check_budget_matches(budget: Budget, projections: Sequence[Projection], fing
                 f"projections[{i}].in_features: {entry.name} is {entry.out_features}x{entry.in_features} in the budget "
                 f"but {proj.out_features}x{proj.in_features} in the model"
             )
+        for field in ("layer", "type"):
+            if getattr(entry, field) != getattr(proj, field):
+                raise BudgetError(
+                    f"projections[{i}].{field}: {entry.name} has {field} {getattr(entry, field)!r} in the budget "
+                    f"but {getattr(proj, field)!r} in the model"
+                )
     if fingerprint is not None and budget.model_fingerprint != fingerprint:
-        # Same architecture, other weights (e.g. a fine-tune): usable, but the alphas were not measured on it.
-        log.warning(
-            "budget was made for weights %s, the loaded model is %s", budget.model_fingerprint, fingerprint
-        )
+        if not allow_other_weights:
+            raise BudgetError(
+                f"model_fingerprint: budget was made for weights {budget.model_fingerprint[:16]}, the loaded model is "
+                f"{fingerprint}; allow budgets for other weights to use it anyway (CLI: --allow-other-weights)"
+            )
+        log.warning("budget was made for weights %s, the loaded model is %s", budget.model_fingerprint, fingerprint)
 
 
 def save_budget(budget: Budget, path: str | Path) -> Path:
-    """Write atomically: temporary file then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(budget.to_json())
-    os.replace(tmp, path)
-    return path
+    """Write atomically through the one output writer (``safe_io``)."""
+    return write_text(path, budget.to_json())

@@ -13,9 +13,29 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .errors import ActTailError
+from .safe_io import check_output
 
 # Each command module registers itself here: name -> (add_arguments, run)
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error: ...`` line (exit 2) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """A message kept to one line even when it quotes user input with line breaks (a path, an argument)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def model_input(args: argparse.Namespace) -> Optional[str]:
+    """The model argument unless it names a packaged model: a local file or folder that ``--out`` must not replace."""
+    from .models import PACKAGED_MODELS
+
+    return None if args.model in PACKAGED_MODELS else args.model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,14 +46,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: bool = True) -> None:
-    from .allocation import DIRECTIONS, GROUPS, AllocationSettings
+    from .allocation import DIRECTIONS, GROUPS, METHODS, AllocationSettings
     from .spectra import DEFAULT_RULE, XMIN_RULES
 
     defaults = AllocationSettings()
     if with_sparsity:
         parser.add_argument("--sparsity", type=float, default=None, help="global target: parameter-weighted mean sparsity in [0, 0.95]")
-    parser.add_argument("--method", default=defaults.method, choices=("uniform", "acttail", "linear", "greedy"))
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="acttail: 0 = uniform, larger = more alpha-driven")
+    parser.add_argument("--method", default=defaults.method, choices=METHODS)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
     parser.add_argument("--eps", type=float, default=defaults.eps, help="linear (AlphaPruning) map: spread in [0, 1)")
     parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
     parser.add_argument("--group", default=defaults.group, choices=GROUPS)
@@ -87,6 +108,8 @@ def _spectra_run(args: argparse.Namespace) -> int:
     from .spectra import compute_spectra
     from .spectra_io import save_spectra
 
+    if args.out is not None:
+        args.out = check_output(args.out, [model_input(args)])  # before the slow work, not after it
     loaded = load_from_args(args)
     spectra = compute_spectra(loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra"))
     summary = spectra.type_summary().round(3)
@@ -120,7 +143,7 @@ def budget_summary(budget):
 
 def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
-    from .allocation import allocate, check_target, AllocationSettings
+    from .allocation import allocate, check_target
     from .progress import TqdmProgress
     from .spectra import check_spectra_match, compute_spectra
     from .spectra_io import load_spectra
@@ -128,7 +151,7 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     if args.method == "greedy":
         from .greedy import greedy_budget
 
-        check_target(sparsity, AllocationSettings())
+        check_target(sparsity, settings_from_args(args))
         return greedy_budget(loaded, sparsity, progress=TqdmProgress("greedy"))
     settings = settings_from_args(args)
     if getattr(args, "spectra", None):
@@ -146,6 +169,11 @@ def _allocate_run(args: argparse.Namespace) -> int:
     if args.sparsity is None:
         raise ActTailError("--sparsity is required (a number in [0, 0.95])")
     check_target(args.sparsity, settings_from_args(args))  # fail before the slow model load
+    args.out = check_output(args.out, [args.spectra, model_input(args)])
+    if args.spectra:
+        from .spectra_io import load_spectra
+
+        load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
     loaded = load_from_args(args)
     budget = build_budget(args, loaded, args.sparsity)
     print_table(
@@ -182,7 +210,8 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="python -m acttail_core", description="ActTail Explorer: heavy-tail guided activation sparsity")
+    parser = OneLineParser(prog="python -m acttail_core",
+                           description="ActTail Explorer: heavy-tail guided activation sparsity")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args)
     except ActTailError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,14 +11,12 @@ a second; results are written only after every run finished (atomically).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 
 from . import __version__
-from .cli import add_allocation_arguments, add_model_arguments, build_budget, load_from_args, print_table, register, settings_from_args
+from .cli import (add_allocation_arguments, add_model_arguments, build_budget, load_from_args, model_input, print_table,
+                  register, settings_from_args)
 from .errors import ActTailError
+from .safe_io import check_output, write_json
 
 PPL_CONVENTION = "SparseGPT/Wanda: non-overlapping chunks, ppl = exp(mean token NLL)"
 
@@ -29,6 +27,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_allocation_arguments(parser)
     parser.add_argument("--budget", default=None, help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="use a --budget made for other weights of the same architecture (refused by default)")
     parser.add_argument("--spectra", default=None, help="spectra JSON to allocate from instead of computing it")
     parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES, help="topk (ActTail) or threshold (TEAL-style, calibrated)")
     parser.add_argument("--calib-corpus", default=None, help="threshold mode: calibration text (default: the corpus's own calibration file)")
@@ -50,8 +50,13 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ActTailError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.sparsity is not None:
         check_target(args.sparsity, settings_from_args(args))
-    elif not Path(args.budget).is_file():
-        raise ActTailError(f"budget file not found: {args.budget}")
+    else:
+        from .budget import load_budget
+
+        load_budget(args.budget)  # a malformed budget fails now; the model check follows the load
+    if args.out is not None:  # a bad --out (even an empty one) must not cost a whole run
+        inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, model_input(args)]
+        args.out = check_output(args.out, inputs)
 
 
 def _budget(args: argparse.Namespace, loaded):
@@ -59,18 +64,8 @@ def _budget(args: argparse.Namespace, loaded):
     from .projections import find_projections
 
     if args.budget:
-        return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint)
+        return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint, args.allow_other_weights)
     return build_budget(args, loaded, args.sparsity)
-
-
-def _write_json(path: str, data: dict) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, target)
-    return target
 
 
 def _config(args: argparse.Namespace, loaded, budget, **extra) -> dict:
@@ -114,7 +109,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         raise ActTailError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ActTailError(f"--batch-size must be at least 1, got {args.batch_size}")
-    load_text(args.corpus, "eval")  # fails fast on a missing or empty corpus
+    load_text(args.corpus, "eval", max_chars=1 << 16)  # fails fast on a missing or empty corpus, reading only its start
     calib = None
     if args.mode == "threshold":
         calib = args.calib_corpus or default_calibration_corpus(args.corpus)
@@ -159,7 +154,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.out:
         config = _config(args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens)
         config["ppl_convention"] = PPL_CONVENTION
-        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
     return 0
 
@@ -218,7 +213,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.out:
         config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
         config["note"] = THROUGHPUT_NOTE
-        path = _write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
+        path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
     return 0
 

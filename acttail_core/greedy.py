@@ -27,8 +27,6 @@ import hashlib
 import heapq
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,6 +36,7 @@ import torch
 
 from .budget import Budget, keep_count, make_budget
 from .errors import ActTailError
+from .integrity import CacheIntegrityError, read_with_digest, write_with_digest
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
 from .projections import Projection, find_projections, get_module
@@ -113,11 +112,11 @@ def measure_error_curves(
     path = _cache_file(loaded.fingerprint, corpus, tokens)
     if use_cache and path.exists():
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_with_digest(path))
             if data["names"] == [p.name for p in projections]:
                 return ErrorCurves(projections, np.array(data["levels"]), np.array(data["errors"]), corpus, tokens)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring corrupt greedy cache %s (%s)", path, exc)
+        except (CacheIntegrityError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring greedy cache %s (%s); measuring again", path, exc)
     ids = tokenize_corpus(loaded, load_text(corpus, role="calibration"), seqlen=tokens, max_tokens=tokens)[:1]
     report(progress, 0, len(projections), "recording projection inputs")
     inputs = _capture_inputs(loaded, projections, ids)
@@ -138,11 +137,12 @@ def measure_error_curves(
             report(progress, i + 1, len(projections), f"error curves {i + 1}/{len(projections)}")
     curves = ErrorCurves(projections, LEVELS.copy(), errors, corpus, tokens)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"names": [p.name for p in projections], "levels": LEVELS.tolist(), "errors": errors.tolist()}, handle)
-        os.replace(tmp, path)
+        data = {"names": [p.name for p in projections], "levels": LEVELS.tolist(), "errors": errors.tolist()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_with_digest(path, json.dumps(data).encode("utf-8"))
+        except (OSError, ActTailError) as exc:  # a read-only cache must not stop the allocation
+            log.warning("could not write greedy cache: %s", exc)
     return curves
 
 

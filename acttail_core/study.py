@@ -18,6 +18,7 @@ Perplexity follows evaluate.perplexity (non-overlapping chunks, exp of mean NLL)
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Iterable, Optional
 from .allocation import AllocationSettings, allocate, uniform_budget
 from .cli import register
 from .progress import ProgressFn, TqdmProgress, report
+from .safe_io import check_output, check_output_folder, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +270,7 @@ class Study:
         for r in self.heldout_rows(chosen):
             lines.append(f"| {r['model']} | {r['text']} | {r['sparsity']:.1f} | {r['dense']:.2f} | {r['uniform']:.2f} | "
                          f"{r['acttail']:.2f} | {r['greedy']:.2f} | {r['acttail_vs_uniform']:+.1%} | {r['greedy_vs_uniform']:+.1%} |")
-        path = self.out / "report.md"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return write_text(self.out / "report.md", "\n".join(lines) + "\n")
 
     def plot(self, chosen: Setting, path: Path) -> Optional[Path]:
         rows = self.heldout_rows(chosen)
@@ -297,10 +297,10 @@ class Study:
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"acttail = {chosen.label}", fontsize=9)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=130)
         plt.close(fig)
-        return path
+        return write_bytes(path, image.getvalue())
 
 
 def run_study(config: StudyConfig, progress: Optional[ProgressFn] = None, plot_path: Optional[Path] = None) -> tuple[Setting, Path]:
@@ -339,6 +339,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.out = str(check_output_folder(args.out))  # hours of runs must not end in a write error
+    if args.plot:
+        args.plot = str(check_output(args.plot))
     config = StudyConfig(tuple(args.models), args.select_text, tuple(args.heldout_texts), tuple(args.select_sparsities),
                          tuple(args.sparsities), args.select_tokens, args.tokens, args.seqlen, args.grid, args.greedy_tokens, args.out,
                          args.device, args.dtype)

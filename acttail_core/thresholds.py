@@ -31,6 +31,7 @@ import torch
 
 from .budget import Budget
 from .errors import ActTailError
+from .integrity import file_digest_problem, record_file_digest
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
 from .projections import Projection, find_projections, get_module
@@ -267,7 +268,10 @@ def calibrate_thresholds(
     seqlen = min(seqlen or default_seqlen(loaded), max_tokens)
     path = _cache_path(loaded.fingerprint, corpus, text_digest(text), max_tokens, seqlen)
     projections = find_projections(loaded.model)
-    if use_cache and path.exists():
+    problem = file_digest_problem(path) if use_cache and path.exists() else "absent"
+    if problem not in (None, "absent"):
+        log.warning("ignoring threshold calibration cache %s (%s); recalibrating", path.name, problem)
+    if problem is None:
         try:
             table = ThresholdTable.load(path)
             if table.fingerprint == loaded.fingerprint and table.names == [p.name for p in projections]:
@@ -282,6 +286,7 @@ def calibrate_thresholds(
     if use_cache:
         try:
             table.save(path)
-        except OSError as exc:  # a read-only cache must not stop the evaluation
+            record_file_digest(path)
+        except (OSError, ActTailError) as exc:  # a read-only cache must not stop the evaluation
             log.warning("could not write threshold calibration cache: %s", exc)
     return table.bind(loaded.model)

@@ -11,9 +11,12 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from acttail_core.allocation import DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, uniform_budget
-from acttail_core.budget import Budget, load_budget
+from acttail_core.allocation import (
+    DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, check_target, uniform_budget,
+)
+from acttail_core.budget import MAX_BUDGET_BYTES, Budget, load_budget
 from acttail_core.errors import ActTailError
+from acttail_core.greedy import greedy_budget
 from app import charts
 from app.state import AppContext, guarded, show_error
 
@@ -105,7 +108,8 @@ def _controls(disabled: bool) -> None:
         bind="query-params",
         disabled=disabled,
         help="uniform: every projection at the target. acttail: kept fraction log-linear in alpha (temperature). "
-        "linear: AlphaPruning's linear map (eps).",
+        "linear: AlphaPruning's linear map (eps). greedy: measured output error instead of alpha "
+        "(one calibration pass on the demo text the first time, then cached).",
     )
     fourth.selectbox(
         "Direction",
@@ -134,13 +138,21 @@ def _uploaded_budget(ctx: AppContext) -> Budget | None:
         "Upload a budget JSON",
         type=["json"],
         key="budget_upload",
+        max_upload_size=MAX_BUDGET_BYTES >> 20,  # refused in the browser, before any upload
         help="A budget written by this tool (this page or `python -m acttail_core allocate`) for this model. "
         "While a valid file is loaded it replaces the sliders; remove it to go back.",
+    )
+    allow_other = st.checkbox(
+        "Allow a budget made for other weights",
+        key="allow_other_weights",
+        help="A budget records the fingerprint of the weights it was made for. One made for other weights of the "
+        "same architecture (e.g. a fine-tune) is refused unless this is ticked: its alphas were measured elsewhere.",
     )
     if uploaded is None:
         return None
     try:
-        budget = load_budget(uploaded.getvalue(), projections=ctx.projections, fingerprint=ctx.loaded.fingerprint)
+        budget = load_budget(uploaded.getvalue(), projections=ctx.projections, fingerprint=ctx.loaded.fingerprint,
+                             allow_other_weights=allow_other)
     except ActTailError as error:
         show_error(error, f"Rejected {uploaded.name}")
         st.caption("Nothing changed: the budget shown still follows the sliders.")
@@ -166,7 +178,11 @@ def allocation_fragment(ctx: AppContext, uploaded: Budget | None) -> None:
     else:
         target, settings = settings_from_state()
         try:
-            budget = allocate(ctx.spectra, target, settings)
+            if settings.method == "greedy":
+                check_target(target, settings)
+                budget = greedy_budget(ctx.loaded, target, alphas=ctx.spectra.alphas())
+            else:
+                budget = allocate(ctx.spectra, target, settings)
         except ActTailError as error:
             show_error(error, "Allocation")
             return

@@ -35,7 +35,8 @@ def sidebar() -> None:
         )
         if choice in state.MODEL_CHOICES_WITH_PATH:
             placeholder = {"local directory": "/path/to/model-dir", "gguf file": "/path/to/model.gguf", "hub id": "meta-llama/Llama-2-7b-hf"}[choice]
-            st.text_input("Path or hub id", key="path", bind="query-params", placeholder=placeholder, help="Press Enter to load.")
+            st.text_input("Path or hub id", key="path", bind="query-params", placeholder=placeholder,
+                          help="Press Enter to load.", on_change=state.mark_path_typed)
         devices = state.device_choices()
         st.selectbox("Device", devices, key="device", bind="query-params", help="cuda when a GPU is present; auto spreads a large model over all GPUs.")
         st.selectbox("dtype", state.DTYPE_CHOICES, key="dtype", bind="query-params", help="auto: float32 on CPU, bfloat16 on GPU.")
@@ -54,8 +55,26 @@ def sidebar() -> None:
         st.caption("Every setting is kept in the page URL: copy it to share this view.")
 
 
+def refuse_unbound_server() -> None:
+    """Stop when a browser reached a server that listens on every interface without being told to.
+
+    `.streamlit/config.toml` binds 127.0.0.1, but Streamlit reads it only from the working directory;
+    started elsewhere, it would serve this machine's models and files to the network.
+    """
+    if st.context.url and not st.get_option("server.address"):
+        st.error(
+            "This dashboard was started without `server.address`, so it listens on every network interface. "
+            "Start it from the repository root (its `.streamlit/config.toml` binds 127.0.0.1), or pass "
+            "`--server.address 127.0.0.1`; to expose it on purpose, pass the address to listen on "
+            "(e.g. `--server.address 0.0.0.0`).",
+            icon=":material/lock:",
+        )
+        st.stop()
+
+
 def main() -> None:
     st.set_page_config(page_title="ActTail Explorer", page_icon=":material/bar_chart:", layout="wide")
+    refuse_unbound_server()
     st.title("ActTail Explorer")
     st.markdown(
         "ActTail makes LLM inference cheaper without training: it zeroes most inputs of every linear projection, "

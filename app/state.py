@@ -153,7 +153,8 @@ ERROR_HINTS: dict[type, str] = {
     "config.json and safetensors weights, hub ids need network access or a local Hugging Face cache.",
     SpectraError: "Clear the spectra cache (`$ACTTAIL_CACHE/spectra`) and reload the page.",
     BudgetError: "Upload a budget JSON written by this tool for the model shown in the sidebar "
-    "(Allocation -> Download budget JSON, or `python -m acttail_core allocate`).",
+    "(Allocation -> Download budget JSON, or `python -m acttail_core allocate`); one made for other weights of the "
+    "same architecture needs **Allow a budget made for other weights**.",
     CorpusError: "Pick the **demo** corpus (shipped with the tool) or a UTF-8 text file with enough text.",
 }
 
@@ -209,17 +210,35 @@ def load_context(request: ModelRequest, rule: str) -> Optional[AppContext]:
     loaded = cached_model(request)
     spectra = cached_spectra(loaded, rule) if loaded is not None else None
     if loaded is None or spectra is None:
-        with st.status(f"Preparing **{request.ref}** ({rule} rule)...", expanded=True) as status:
+        from_link = path_from_link()
+        label = "the model from the link" if from_link else request.ref
+        with st.status(f"Preparing **{label}** ({rule} rule)...", expanded=True) as status:
             try:
                 if loaded is None:
-                    loaded = get_model(request, StreamlitProgress(st, f"loading {request.ref}"))
+                    loaded = get_model(request, StreamlitProgress(st, f"loading {label}"))
                 spectra = get_spectra(loaded, rule, StreamlitProgress(st, "spectra of every projection"))
             except Exception as error:  # shown once, in the status box and as an error below it
-                status.update(label=f"Could not prepare {request.ref}", state="error", expanded=False)
+                status.update(label=f"Could not prepare {label}", state="error", expanded=False)
+                if from_link:  # whoever made the link learns nothing about this machine's files
+                    log.warning("could not load the path from a link: %s", error)
+                    error = ModelLoadError(
+                        "could not load the model named in the link: not found, or not a model this tool reads "
+                        "(type the path in the sidebar to see why)"
+                    )
                 show_error(error, "Model")
                 return None
-            status.update(label=f"{request.ref}: model and spectra ready", state="complete", expanded=False)
+            status.update(label=f"{label}: model and spectra ready", state="complete", expanded=False)
     return AppContext(request=request, loaded=loaded, spectra=spectra, projections=spectra.projections())
+
+
+def mark_path_typed() -> None:
+    """``on_change`` of the sidebar's path box: a path typed here may be echoed in errors, one from a link not."""
+    st.session_state["path_typed"] = True
+
+
+def path_from_link() -> bool:
+    """Whether the model path came from the page URL (a shared link) rather than from typing in this session."""
+    return st.session_state.get("model") in MODEL_CHOICES_WITH_PATH and not st.session_state.get("path_typed", False)
 
 
 def model_request_from_state() -> Optional[ModelRequest]:

@@ -63,3 +63,15 @@ def default_loaded() -> LoadedModel:
     from acttail_core.models import load_model
 
     return load_model("default")
+
+
+# The fuzz suite's count of inputs tried per class (tests/test_fuzz.py puts its Counter here).
+FUZZ_COUNTS = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fuzz suite's counts at the end of the run (the closing note of issue 14 reports them)."""
+    counts = terminalreporter.config.stash.get(FUZZ_COUNTS, None)
+    if counts:
+        summary = ", ".join(f"{name} {count}" for name, count in counts.items())
+        terminalreporter.write_line(f"fuzz inputs tried: {summary} (total {sum(counts.values())})")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from acttail_core.allocation import AllocationSettings, allocate_sparsities, scores
+from acttail_core.allocation import MAX_TARGET, MAX_TEMPERATURE, AllocationSettings, allocate_sparsities, scores
 from acttail_core.errors import ActTailError
 from acttail_core.projections import PROJECTION_TYPES, Projection
 
@@ -21,30 +21,55 @@ def weighted_mean(projections, sparsities) -> float:
     return float(np.dot(params, sparsities) / params.sum())
 
 
-settings_strategy = st.builds(
-    AllocationSettings,
-    method=st.sampled_from(["uniform", "acttail", "linear"]),
-    temperature=st.floats(0.0, 6.0),
-    eps=st.floats(0.0, 0.95),
-    direction=st.sampled_from(["keep-heavy", "keep-light"]),
-    group=st.sampled_from(["projection", "type", "layer"]),
-)
+# The whole range the API accepts: any temperature up to the cap (the issue's T = 70 missed the target),
+# eps up to just below 1, any bounds 0 <= lower < upper < 1.
+temperatures = st.one_of(st.floats(0.0, 6.0), st.floats(0.0, MAX_TEMPERATURE), st.sampled_from([70.0, MAX_TEMPERATURE]))
+
+
+@st.composite
+def accepted_inputs(draw):
+    lower = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.9)))
+    upper = draw(st.one_of(st.just(0.99), st.floats(lower, 1.0, exclude_min=True, exclude_max=True)))
+    config = AllocationSettings(
+        method=draw(st.sampled_from(["uniform", "acttail", "linear"])),
+        temperature=draw(temperatures),
+        eps=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        direction=draw(st.sampled_from(["keep-heavy", "keep-light"])),
+        group=draw(st.sampled_from(["projection", "type", "layer"])),
+        lower=lower,
+        upper=upper,
+    )
+    target = draw(st.floats(lower, min(upper, MAX_TARGET)))
+    return config, target
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layers=st.integers(1, 6),
-    target=st.floats(0.0, 0.95),
-    config=settings_strategy,
+    inputs=accepted_inputs(),
     seed=st.integers(0, 10_000),
-    spread=st.floats(0.0, 10.0),
+    spread=st.one_of(st.floats(0.0, 10.0), st.floats(0.0, 1e6)),
+    nan_at=st.one_of(st.none(), st.integers(0, 6)),
 )
-def test_mean_exact_and_bounds(layers, target, config, seed, spread) -> None:
+def test_mean_exact_and_bounds(layers, inputs, seed, spread, nan_at) -> None:
+    config, target = inputs
     projections = make_projections(layers)
-    alphas = 2.0 + spread * np.random.default_rng(seed).random(len(projections))
+    alphas = 1.0 + spread * np.random.default_rng(seed).random(len(projections))
+    if nan_at is not None:
+        alphas[nan_at] = np.nan  # a degenerate fit
     s = allocate_sparsities(alphas, projections, target, config)
-    assert abs(weighted_mean(projections, s) - target) < 1e-6
-    assert np.all(s >= config.lower - 1e-12) and np.all(s <= config.upper + 1e-12)
+    assert np.all(np.isfinite(s))
+    assert abs(weighted_mean(projections, s) - target) < 1e-9
+    assert np.all(s >= config.lower) and np.all(s <= config.upper)
+
+
+@pytest.mark.parametrize("temperature", [70.0, 1e3])
+def test_large_temperature_meets_the_target(temperature) -> None:
+    """The issue's case: exp overflowed and `--sparsity 0.5 --temperature 70` gave 0.3785."""
+    projections = make_projections(30)
+    alphas = 2.0 + 8.0 * np.random.default_rng(5).random(len(projections))
+    s = allocate_sparsities(alphas, projections, 0.5, AllocationSettings(temperature=temperature))
+    assert abs(weighted_mean(projections, s) - 0.5) < 1e-12
 
 
 @settings(max_examples=200, deadline=None)
@@ -132,6 +157,10 @@ def test_nan_alpha_is_tolerated() -> None:
         (0.5, AllocationSettings(direction="up"), "unknown direction"),
         (0.5, AllocationSettings(group="row"), "unknown group"),
         (0.5, AllocationSettings(temperature=-1), "temperature"),
+        (0.5, AllocationSettings(temperature=1e6), r"temperature must be in \[0, 1000\]"),
+        (0.5, AllocationSettings(temperature=float("inf")), "temperature"),
+        (0.99, AllocationSettings(), r"sparsity must be in \[0, 0.95\]"),
+        (0.5, AllocationSettings(method="greedy"), "greedy method measures"),
         (0.5, AllocationSettings(eps=1.0), "eps"),
         (0.5, AllocationSettings(lower=0.6, upper=0.9), "outside the bounds"),
     ],

@@ -64,12 +64,42 @@ def test_default_model_loads_with_nothing_typed(default_loaded):
     assert at.sidebar.selectbox(key="model").value == "default"
 
 
-def test_bad_model_path_shows_error_with_hint():
+def test_bad_model_path_from_a_link_is_not_echoed():
+    """A link's path is loaded, but neither echoed nor described: the link's author learns nothing of our files."""
     at = run_app(model="local directory", path="/definitely/not/a/model")
     assert not at.exception
     assert len(at.error) == 1
-    assert "not found" in at.error[0].value and "Hint" in at.error[0].value
+    assert "could not load the model named in the link" in at.error[0].value and "Hint" in at.error[0].value
+    assert "/definitely" not in repr(at._tree)
     assert len(at.tabs) == 0  # nothing drawn on a model that is not there
+
+
+def test_bad_model_path_typed_here_shows_why():
+    at = run_app(model="local directory")
+    at.sidebar.text_input(key="path").input("/definitely/not/a/model").run()
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "/definitely/not/a/model" in at.error[0].value and "not found" in at.error[0].value
+
+
+def test_a_server_listening_everywhere_by_accident_serves_nothing(monkeypatch):
+    import streamlit
+
+    monkeypatch.setattr(type(streamlit.context), "url", property(lambda self: "http://192.0.2.1:8501/"))
+    original = streamlit.get_option
+    assert original("server.address") == "127.0.0.1"  # .streamlit/config.toml, read from the repository root
+
+    def address(value):
+        return lambda key: value if key == "server.address" else original(key)
+
+    monkeypatch.setattr(streamlit, "get_option", address(None))  # as when started from another folder
+    at = run_app()
+    assert len(at.error) == 1 and "listens on every network interface" in at.error[0].value
+    assert len(at.tabs) == 0
+    monkeypatch.setattr(streamlit, "get_option", address("0.0.0.0"))  # exposed on purpose
+    at = run_app()
+    assert_clean(at)
+    assert len(at.tabs) == 4
 
 
 # --------------------------------------------------------------------------- Spectra tab
@@ -175,6 +205,7 @@ def test_uploaded_budget_is_validated(default_loaded):
     wrong = json.loads(before.to_json())
     wrong["projections"] = wrong["projections"][:-1]
     wrong["effective_sparsity"] = sum(p["params"] * p["sparsity"] for p in wrong["projections"]) / sum(p["params"] for p in wrong["projections"])
+    wrong["target_sparsity"] = wrong["effective_sparsity"]
     at.file_uploader(key="budget_upload").set_value(("short.json", json.dumps(wrong).encode(), "application/json"))
     at.run()
     assert len(at.error) == 1 and "does not match this model" in at.error[0].value
@@ -189,6 +220,40 @@ def test_uploaded_budget_is_validated(default_loaded):
     assert at.session_state["current_budget"] == good
     assert at.slider(key="sparsity").disabled  # the file, not the sliders, is in charge now
     assert metric(at, "Effective sparsity") == "0.8000"
+
+
+def test_budget_for_other_weights_needs_the_checkbox(default_loaded):
+    at = run_app()
+    other = json.loads(at.session_state["current_budget"].to_json())
+    other["model_fingerprint"] = "0123456789abcdef"
+    at.file_uploader(key="budget_upload").upload("other.json", json.dumps(other).encode(), "application/json")
+    at.run()
+    assert len(at.error) == 1 and "made for weights 0123456789abcdef" in at.error[0].value
+    at.checkbox(key="allow_other_weights").check().run()
+    assert not at.error and not at.exception
+    assert at.session_state["current_budget"].model_fingerprint == "0123456789abcdef"
+    assert any("made for weights 0123456789abcdef" in w.value for w in at.warning)
+
+
+def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):
+    import app.allocation_tab as allocation_tab
+    from acttail_core.budget import make_budget
+    from acttail_core.projections import find_projections
+
+    calls = []
+
+    def fake_greedy(loaded, sparsity, alphas=None, **_):  # the real one measures error curves (tests/test_greedy.py)
+        calls.append(sparsity)
+        projections = find_projections(loaded.model)
+        return make_budget(projections, [sparsity] * len(projections), model_name=loaded.name,
+                           model_fingerprint=loaded.fingerprint, method="greedy", target_sparsity=sparsity)
+
+    monkeypatch.setattr(allocation_tab, "greedy_budget", fake_greedy)
+    at = run_app(tab="Allocation", sparsity="0.6")
+    assert "greedy" in at.selectbox(key="method").options
+    at.selectbox(key="method").set_value("greedy").run()
+    assert_clean(at)
+    assert at.session_state["current_budget"].method == "greedy" and calls == [0.6]
 
 
 # --------------------------------------------------------------------------- Evaluate tab

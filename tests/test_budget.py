@@ -106,3 +106,68 @@ def test_budget_for_another_model_is_rejected(tiny_budget) -> None:
     data["projections"][0]["name"] = "model.layers.0.self_attn.x_proj"
     with pytest.raises(BudgetError, match="missing|not a projection"):
         load_budget(data, find_projections(make_tiny_llama()))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(schema_version="1"), "schema_version: Input should be a valid integer"),
+        (lambda d: d.update(schema_version=1.0), "schema_version: Input should be a valid integer"),
+        (lambda d: d.update(schema_version=True), "schema_version: Input should be a valid integer"),
+        (lambda d: d["projections"][0].update(layer="0"), r"projections.0.layer: Input should be a valid integer"),
+        (lambda d: d.update(target_sparsity="0.6"), "target_sparsity: Input should be a valid number"),
+        (lambda d: d.update(target_sparsity=0.3), "target_sparsity 0.3 does not match"),
+        (lambda d: d.update(target_sparsity=0.97), "target_sparsity: .*less than or equal to 0.95"),
+        (lambda d: d.update(temperature=1e6), "temperature: .*less than or equal to 1000"),
+        (lambda d: d.update(eps=1.5), "eps: .*less than 1"),
+        (lambda d: d.update(created_at="yesterday"), "created_at: not an ISO 8601"),
+    ],
+)
+def test_strict_types_and_header_checks(tiny_budget, change, message) -> None:
+    with pytest.raises(BudgetError, match=message):
+        load_budget(mutate(tiny_budget, change))
+
+
+def test_keep_zero_everywhere_is_refused(tiny_budget) -> None:
+    def zero_keep(d):
+        for entry in d["projections"]:
+            entry["sparsity"], entry["keep"] = 0.999, 0
+        d["target_sparsity"] = d["effective_sparsity"] = 0.999
+
+    with pytest.raises(BudgetError, match="target_sparsity: .*less than or equal to 0.95"):
+        load_budget(mutate(tiny_budget, zero_keep))
+    with pytest.raises(BudgetError, match=r"projections.0.keep: Input should be greater than or equal to 1"):
+        load_budget(mutate(tiny_budget, lambda d: d["projections"][0].update(sparsity=0.995, keep=0)))
+
+
+def test_duplicate_keys_oversize_and_pathological_json(tiny_budget, tmp_path) -> None:
+    text = tiny_budget.to_json()
+    with pytest.raises(BudgetError, match="duplicate key 'method'"):
+        load_budget(text.replace('"method": "acttail"', '"method": "uniform", "method": "acttail"'))
+    with pytest.raises(BudgetError, match="nested too deeply"):
+        load_budget(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(BudgetError, match="not valid JSON"):
+        load_budget(b'{"schema_version": 1' + b"0" * 5000 + b"}")
+    with pytest.raises(BudgetError, match="more than a budget can be"):
+        load_budget(b" " * (5 << 20) + text.encode())
+    big = tmp_path / "big.json"
+    big.write_bytes(text.encode() + b" " * (5 << 20))
+    with pytest.raises(BudgetError, match="more than a budget can be"):
+        load_budget(big)
+
+
+def test_entry_layer_and_type_are_checked_against_the_model(tiny_budget, tiny_loaded) -> None:
+    projections = find_projections(tiny_loaded.model)
+    with pytest.raises(BudgetError, match=r"projections\[0\].layer: .* has layer 1 in the budget but 0"):
+        load_budget(mutate(tiny_budget, lambda d: d["projections"][0].update(layer=1)), projections)
+    with pytest.raises(BudgetError, match=r"projections\[0\].type: .* has type 'k' in the budget but 'q'"):
+        load_budget(mutate(tiny_budget, lambda d: d["projections"][0].update(type="k")), projections)
+
+
+def test_another_models_budget_needs_an_explicit_override(tiny_budget, tiny_loaded) -> None:
+    projections = find_projections(tiny_loaded.model)
+    data = mutate(tiny_budget, lambda d: d.update(model_fingerprint="0123456789abcdef"))
+    with pytest.raises(BudgetError, match="made for weights 0123456789abcdef.*--allow-other-weights"):
+        load_budget(data, projections, tiny_loaded.fingerprint)
+    allowed = load_budget(data, projections, tiny_loaded.fingerprint, allow_other_weights=True)
+    assert allowed.model_fingerprint == "0123456789abcdef"

@@ -32,7 +32,7 @@ def test_spectra_and_allocate_on_default_model(tmp_path, capsys) -> None:
     "argv, message",
     [
         (["allocate", "--model", "/no/such/dir", "--sparsity", "0.5"], "not found"),
-        (["allocate", "--model", "default", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+        (["allocate", "--model", "default", "--sparsity", "1.5"], "sparsity must be in [0, 0.95]"),
         (["allocate", "--model", "default"], "--sparsity is required"),
         (["allocate", "--model", "default", "--sparsity", "0.5", "--temperature", "-2"], "temperature"),
     ],
@@ -57,5 +57,5 @@ def test_module_entry_point_exit_code(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "acttail_core", "allocate", "--sparsity", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: sparsity must be in [0, 1), got 2.0"
+    assert result.stderr.strip().splitlines()[-1] == "error: sparsity must be in [0, 0.95], got 2.0"
     assert "Traceback" not in result.stderr

@@ -85,8 +85,9 @@ def other_budget(tmp_path):
 
 
 ERRORS = [
-    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
-    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "1.0"], "sparsity must be in [0, 0.95]"),
+    (["--sparsity", "-0.1"], "sparsity must be in [0, 0.95]"),
+    (["--sparsity", "0.99"], "sparsity must be in [0, 0.95]"),  # the help says [0, 0.95]
     ([], "exactly one of --sparsity"),
     (["--sparsity", "0.5", "--max-tokens", "32", "--seqlen", "64"], "smaller than one chunk"),
     (["--sparsity", "0.5", "--max-tokens", "32"], "smaller than one chunk"),  # seqlen from the model (512)

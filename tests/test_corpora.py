@@ -33,6 +33,8 @@ def test_demo_download_extracts_atomically(tmp_path, monkeypatch):
         calls.append(dest)
         path = fake_sdist(dest)
         monkeypatch.setattr(corpora, "DEMO_SDIST_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+        texts = {name: hashlib.sha256(f"text of {name}\n".encode()).hexdigest() for name in corpora.DEMO_FILES}
+        monkeypatch.setattr(corpora, "DEMO_TEXT_SHA256", texts)
         return path
 
     monkeypatch.setattr(corpora, "_download_sdist", download)

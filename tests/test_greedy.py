@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from acttail_core import greedy
 from acttail_core.errors import ActTailError
@@ -25,6 +26,28 @@ def test_exact_target_and_bounds(target, scope) -> None:
     assert np.all(s >= 0) and np.all(s <= LEVELS[-1] + 1e-12)
     if scope == "layer":
         assert abs(s[:2].mean() - target) < 1e-9 and abs(s[2:].mean() - target) < 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 512), st.integers(1, 512)), min_size=1, max_size=12),
+    target=st.floats(0.0, float(LEVELS[-1])),
+    scope=st.sampled_from(["layer", "global"]),
+    seed=st.integers(0, 10_000),
+)
+def test_exact_target_for_any_curves(sizes, target, scope, seed) -> None:
+    """Any projection sizes and any non-decreasing error curves: weighted mean exact, every s_i in [0, 0.95]."""
+    projections = [Projection(f"model.layers.{layer}.p{i}", layer, "q", n_in, n_out)
+                   for i, (layer, n_in, n_out) in enumerate(sizes)]
+    steps = np.random.default_rng(seed).exponential(size=(len(sizes), len(LEVELS) - 1))
+    errors = np.concatenate([np.zeros((len(sizes), 1)), np.cumsum(steps, axis=1)], axis=1)
+    s = greedy_sparsities(ErrorCurves(projections, LEVELS.copy(), errors, "synthetic", 0), target, scope)
+    params = np.array([p.params for p in projections], dtype=float)
+    groups = [np.arange(len(sizes))] if scope == "global" else [
+        np.flatnonzero([p.layer == l for p in projections]) for l in {p.layer for p in projections}]
+    for index in groups:
+        assert abs(np.dot(params[index], s[index]) / params[index].sum() - target) < 1e-9
+    assert np.all(s >= 0) and np.all(s <= LEVELS[-1] + 1e-12)
 
 
 def test_cheaper_projection_gets_more_sparsity() -> None:
