@@ -36,6 +36,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .eigensolver import SolverPlan, Unit, batch_size_for, default_plan, gram_dim, solve, visible_devices
 from .errors import ActTailError, SpectraError
 from .models import LoadedModel
 from .progress import ProgressFn, report
@@ -195,8 +196,6 @@ def spectra_devices(
 ) -> list[torch.device]:
     """Where the eigenvalues are computed: ``device`` if given (plain ``cuda``: every visible GPU),
     else where the weights are (CPU, or every visible GPU when they are on a GPU or spread by a device map)."""
-    from .eigensolver import visible_devices
-
     if device:
         return visible_devices(torch.device(device))
     placed = {weight_of(model, p).device for p in projections}
@@ -210,7 +209,7 @@ def compute_eigenvalues(
     projections: Sequence[Projection],
     device: Optional[str] = None,
     progress: Optional[ProgressFn] = None,
-    plan=None,
+    plan: Optional[SolverPlan] = None,
 ) -> list[np.ndarray]:
     """Eigenvalues of every projection's Gram matrix, each ascending float64.
 
@@ -221,8 +220,6 @@ def compute_eigenvalues(
     devices = spectra_devices(model, projections, device)
     if devices[0].type == "cpu":
         return _cpu_eigenvalues(model, projections, progress)
-    from .eigensolver import Unit, batch_size_for, default_plan, gram_dim, solve
-
     plan = plan or default_plan(devices[0])
     by_dim: dict[int, list[int]] = {}
     for i, p in enumerate(projections):
@@ -336,8 +333,12 @@ def compute_spectra(
     use_cache: bool = True,
     progress: Optional[ProgressFn] = None,
     device: Optional[str] = None,
+    plan: Optional[SolverPlan] = None,
 ) -> Spectra:
-    """Spectra of every projection of a loaded model, from the disk cache when possible."""
+    """Spectra of every projection of a loaded model, from the disk cache when possible.
+
+    ``plan`` (an ``eigensolver.SolverPlan``) tunes the GPU solver; benchmarks compare plans with it.
+    """
     if rule not in XMIN_RULES:
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     if backend not in BACKENDS:
@@ -353,7 +354,7 @@ def compute_spectra(
             return hit
     eigenvalues = cached_eigenvalues(fingerprint, projections) if use_cache else None
     if eigenvalues is None:
-        eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress)
+        eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress, plan=plan)
     fit_device = "cpu"
     first = weight_of(loaded.model, projections[0])
     if (device or str(first.device)).startswith("cuda"):

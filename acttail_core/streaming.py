@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, fingerprint
+from .eigensolver import SolverPlan, Unit, solve, visible_devices
 from .errors import ActTailError, ModelLoadError
 from .models import LoadedModel, resolve_dtype
 from .progress import ProgressFn, report
@@ -145,14 +146,14 @@ def should_stream(layout: StreamLayout, device: str) -> bool:
 # --------------------------------------------------------------------------- memory measurement
 
 
-class _HostPeak:
+class HostPeak:
     """Peak resident memory above the level at entry.
 
     Linux keeps the high-water mark of the resident set (VmHWM) and resets it on a write of "5" to
     /proc/self/clear_refs; where that is not allowed, a thread samples VmRSS every 5 ms.
     """
 
-    def __enter__(self) -> "_HostPeak":
+    def __enter__(self) -> "HostPeak":
         self.base = _status_kb("VmRSS")
         self._stop = threading.Event()
         self._sampled = self.base
@@ -219,7 +220,7 @@ def _layer_bytes(layout: StreamLayout, layer: int) -> int:
 
 
 def _stream_eigenvalues(
-    layout: StreamLayout, devices: list[torch.device], progress: Optional[ProgressFn]
+    layout: StreamLayout, devices: list[torch.device], progress: Optional[ProgressFn], plan: Optional[SolverPlan]
 ) -> list[np.ndarray]:
     projections = layout.projections
     layers = layout.layers
@@ -232,15 +233,13 @@ def _stream_eigenvalues(
                     out.append(gram_eigenvalues(layout.read_weight(proj)).numpy())  # the weight is freed here
                 report(progress, len(out), total, f"layer {number}/{len(layers)}: eigenvalues {len(out)}/{total}")
         return out
-    from .eigensolver import Unit, solve
-
     index = {p.name: i for i, p in enumerate(projections)}
     units = []
     for number, layer in enumerate(layers, start=1):
         members = [p for p in projections if p.layer == layer]
         units.append(Unit(lambda _device, members=members: [(index[p.name], layout.read_weight(p)) for p in members],
                           label=f"layer {number}/{len(layers)}"))
-    results = solve(units, total, devices, progress=progress)
+    results = solve(units, total, devices, plan, progress)
     return [results[i] for i in range(total)]
 
 
@@ -254,11 +253,10 @@ def stream_spectra(
     progress: Optional[ProgressFn] = None,
     trust_remote_code: bool = False,
     layout: Optional[StreamLayout] = None,
+    plan: Optional[SolverPlan] = None,
 ) -> StreamResult:
     """Spectra of a model directory read one decoder layer at a time (``device``: where to compute:
-    ``cpu``, ``cuda``/``auto`` = every visible GPU, or ``cuda:N``)."""
-    from .eigensolver import visible_devices
-
+    ``cpu``, ``cuda``/``auto`` = every visible GPU, or ``cuda:N``; ``plan`` tunes the GPU solver)."""
     if rule not in XMIN_RULES:
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     layout = layout or model_layout(folder, dtype, device, trust_remote_code)
@@ -279,10 +277,10 @@ def stream_spectra(
             torch.cuda.reset_peak_memory_stats(d)
     _return_large_blocks_to_os()
     start = time.perf_counter()
-    with _HostPeak() as host:
+    with HostPeak() as host:
         eigenvalues = cached_eigenvalues(key, projections) if use_cache else None
         if eigenvalues is None:
-            eigenvalues = _stream_eigenvalues(layout, devices, progress)
+            eigenvalues = _stream_eigenvalues(layout, devices, progress, plan)
         fit_device = str(devices[0])  # a GPU fits a 70B model's 560 tails in seconds, one CPU core in minutes
         with few_threads_for_small(projections, devices[0]):
             spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, name, key, fit_device, progress)
@@ -324,6 +322,7 @@ def spectra_of(
 
 
 __all__ = [
+    "HostPeak",
     "StreamLayout",
     "StreamResult",
     "model_layout",
