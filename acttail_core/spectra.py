@@ -229,7 +229,10 @@ def compute_eigenvalues(
         size = batch_size_for(dim, len(indices), devices[0], plan)
         for start in range(0, len(indices), size):
             batch = indices[start : start + size]
-            units.append(Unit(lambda _device, batch=batch: [(i, weight_of(model, projections[i])) for i in batch]))
+            layers = sorted({projections[i].layer for i in batch})
+            label = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            load = lambda _device, batch=batch: [(i, weight_of(model, projections[i])) for i in batch]  # noqa: E731
+            units.append(Unit(load, label))
     results = solve(units, len(projections), devices, plan, progress)
     return [results[i] for i in range(len(projections))]
 
@@ -354,7 +357,7 @@ def compute_spectra(
             return hit
     eigenvalues = cached_eigenvalues(fingerprint, projections) if use_cache else None
     if eigenvalues is None:
-        eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress, plan=plan)
+        eigenvalues = compute_eigenvalues(loaded.model, projections, device, progress, plan)
     fit_device = "cpu"
     first = weight_of(loaded.model, projections[0])
     if (device or str(first.device)).startswith("cuda"):
