@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .band_reduction import reduce_to_band
+from .lapack_band import tridiagonal_eigenvalues, tridiagonalize
 from .progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 TWO_STAGE_MIN_DIM = 2048  # below this a batched float64 eigvalsh is as fast and simpler
 TRIDIAGONAL_STAGES = ("gpu", "cpu")
 PANELS = ("triton", "torch")
-_GRAPH_WARMUP = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ class SolverPlan:
     max_batch: int = 64  # matrices per band-reduction batch (also bounded by free GPU memory)
     min_dim: int = TWO_STAGE_MIN_DIM  # smaller Gram matrices go to a batched float64 eigvalsh
 
+    def __post_init__(self) -> None:
+        if self.tridiagonal not in TRIDIAGONAL_STAGES or self.panel not in PANELS:
+            raise ValueError(f"unknown tridiagonal stage {self.tridiagonal!r} or panel {self.panel!r}")
+        if self.bandwidth < 1 or self.group % self.bandwidth:
+            raise ValueError(f"group ({self.group}) must be a multiple of the bandwidth ({self.bandwidth})")
+
     def describe(self) -> str:
         return (
             f"band {self.bandwidth}, group {self.group}, {self.panel} panels, tridiagonal on the {self.tridiagonal}, "
@@ -68,7 +74,7 @@ def default_plan(device: torch.device) -> SolverPlan:
     """The plan for ``device``: Triton kernels on CUDA, PyTorch and LAPACK only on the CPU."""
     if device.type == "cuda":
         return SolverPlan()
-    return SolverPlan(tridiagonal="cpu", panel="torch", graphs=False)
+    return SolverPlan(tridiagonal="cpu", panel="torch")
 
 
 @dataclass
@@ -116,8 +122,6 @@ def cpu_workers(devices: Sequence[torch.device]) -> int:
 
 
 def _cpu_stage(band: np.ndarray, tridiagonal: str, ready: Optional[torch.cuda.Event]):
-    from .lapack_band import tridiagonal_eigenvalues, tridiagonalize
-
     if ready is not None:
         ready.synchronize()  # the band's device-to-host copy
     d, e = tridiagonalize(band)
@@ -136,9 +140,8 @@ class _GraphedReduction:
         self.input = torch.zeros(batch, dim, dim, dtype=torch.float64, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: library handles and workspaces are created outside the capture
-            for _ in range(_GRAPH_WARMUP):
-                reduce_to_band(self.input, plan.bandwidth, plan.group, panel_qr)
+        with torch.cuda.stream(side):  # warm-up: library handles, workspaces and kernels exist before the capture
+            reduce_to_band(self.input, plan.bandwidth, plan.group, panel_qr)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -154,6 +157,7 @@ class _Pending:
     indices: list[int]
     futures: list[Future]
     label: str
+    stage: str  # where the tridiagonal eigenvalues are found: "cpu" (the futures return them) or "gpu"
 
 
 class _DeviceWorker:
@@ -216,7 +220,7 @@ class _DeviceWorker:
         bands = host.numpy()
         stage = self.plan.tridiagonal
         futures = [self.pool.submit(_cpu_stage, bands[slot], stage, ready) for slot in range(len(group))]
-        pending.append(_Pending(indices, futures, label))
+        pending.append(_Pending(indices, futures, label, stage))
 
     def _band(self, dim: int, group: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Band form of the group's Gram matrices (a graph of a larger batch pads with zero matrices)."""
@@ -237,20 +241,33 @@ class _DeviceWorker:
                 return graphed.run()[: len(group)]
         grams = torch.empty(len(group), dim, dim, dtype=torch.float64, device=self.device)
         self._grams(group, dim, grams)
-        return reduce_to_band(grams, self.plan.bandwidth, self.plan.group, self.panel_qr)
+        if self.panel_qr is not None:
+            try:
+                return reduce_to_band(grams, self.plan.bandwidth, self.plan.group, self.panel_qr)
+            except Exception as exc:  # a kernel that does not build here: the PyTorch panels give the same band
+                log.warning("Triton panel QR failed (%s); using PyTorch panels", exc)
+                self.panel_qr, self.plan = None, replace(self.plan, panel="torch")
+                self._grams(group, dim, grams)  # the failed attempt overwrote part of them
+        return reduce_to_band(grams, self.plan.bandwidth, self.plan.group)
 
     def _finish(self, pending: deque, block: bool) -> None:
         """Eigenvalues of the pending groups whose CPU stage is complete, oldest first."""
         while pending and (block or all(f.done() for f in pending[0].futures)):
             item = pending.popleft()
             results = [f.result() for f in item.futures]
-            if self.plan.tridiagonal == "cpu":
-                values = results
-            else:
-                d = torch.from_numpy(np.stack([r[0] for r in results])).to(self.device)
-                e = torch.from_numpy(np.stack([r[1] for r in results])).to(self.device)
-                values = list(self.bisect(d, e).cpu().numpy().astype(np.float64))
+            values = results if item.stage == "cpu" else self._bisect(results)
             self.events.put(("done", item.indices, values, item.label))
+
+    def _bisect(self, tridiagonals: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        if self.bisect is not None:
+            try:
+                d = torch.from_numpy(np.stack([t[0] for t in tridiagonals])).to(self.device)
+                e = torch.from_numpy(np.stack([t[1] for t in tridiagonals])).to(self.device)
+                return list(self.bisect(d, e).cpu().numpy().astype(np.float64))
+            except Exception as exc:  # a kernel that does not build here: LAPACK gives the same eigenvalues
+                log.warning("Triton bisection failed (%s); tridiagonal eigenvalues by LAPACK dsterf", exc)
+                self.bisect, self.plan = None, replace(self.plan, tridiagonal="cpu")
+        return [tridiagonal_eigenvalues(d, e) for d, e in tridiagonals]
 
 
 # --------------------------------------------------------------------------- several devices

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import sys
@@ -181,6 +182,27 @@ def batched_eigvalsh(model, projections, indices: list[int], device: str, dtype:
     return [out[i] for i in indices]
 
 
+class Fallbacks(logging.Handler):
+    """Collects the solver's warnings: a plan whose kernels fell back did not run as described."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @contextmanager
+    def watching(self):
+        logger = logging.getLogger("acttail_core.eigensolver")
+        self.messages = []
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+
+
 def candidate_plans(device: str) -> list[SolverPlan]:
     if not device.startswith("cuda"):  # the CPU smoke run: the same pipeline with PyTorch panels and LAPACK
         base = SolverPlan(panel="torch", tridiagonal="cpu", min_dim=2)
@@ -262,9 +284,12 @@ def main() -> None:
         for plan in candidate_plans(args.device):
             row = {"plan": asdict(plan)}
             try:
-                solve(weight_units(loaded.model, projections, warm, 2), len(warm), devices, plan)  # compile, warm up
-                got, seconds = timed(lambda: solve(weight_units(loaded.model, projections, quarter, per_unit),
-                                                   len(quarter), devices, plan))
+                with Fallbacks().watching() as fallbacks:
+                    solve(weight_units(loaded.model, projections, warm, 2), len(warm), devices, plan)  # compile
+                    got, seconds = timed(lambda: solve(weight_units(loaded.model, projections, quarter, per_unit),
+                                                       len(quarter), devices, plan))
+                if fallbacks.messages:
+                    raise RuntimeError("the plan fell back: " + "; ".join(fallbacks.messages))
                 diff = max_rel_diff(alpha_table([got[i] for i in quarter], fit_device),
                                     alpha_table([reference[i] for i in quarter], fit_device))
                 eig_err = max(float(np.max(np.abs(got[i] - np.maximum(reference[i], 0))) / reference[i].max())
@@ -290,10 +315,11 @@ def main() -> None:
     with report.step("ours, end to end"):
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        with HostPeak() as host:
+        with HostPeak() as host, Fallbacks().watching() as fallbacks:
             spectra, seconds = timed(
                 lambda: compute_spectra(loaded, rule=args.rule, use_cache=False, device=where, plan=best)
             )
+        data["fallbacks"] = fallbacks.messages
         ours_ms = 1000 * seconds / len(projections)
         data.update(total_s=seconds, per_matrix_ms=ours_ms, peak_host_bytes=host.peak_bytes,
                     peak_gpu_bytes=torch.cuda.max_memory_allocated() if gpu else None)

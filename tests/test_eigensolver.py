@@ -221,3 +221,14 @@ def test_default_model_float32_eigenvalues_keep_alpha(default_loaded) -> None:
             alpha = fit_power_law(expected, rule).alpha
             worst = max(worst, abs(fit_power_law(rounded, rule).alpha - alpha) / alpha)
     assert worst < 0.005, worst
+
+
+def test_solver_falls_back_when_triton_kernels_cannot_run(caplog) -> None:
+    """Triton imports on this machine but has no GPU driver: the plan's kernels fail at launch, the solver says
+    so and finishes with PyTorch panels and LAPACK dsterf, with the same eigenvalues."""
+    weights = [torch.randn(50, 30, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with caplog.at_level("WARNING", logger="acttail_core.eigensolver"):
+        results = solve(_units(weights, 3, []), 3, [CPU], SolverPlan(bandwidth=4, group=8, min_dim=2))
+    assert "Triton panel QR failed" in caplog.text and "Triton bisection failed" in caplog.text
+    for i, w in enumerate(weights):
+        np.testing.assert_allclose(results[i], torch.linalg.eigvalsh(gram_matrix(w)).numpy(), atol=1e-10)
