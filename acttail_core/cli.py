@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
@@ -85,8 +86,6 @@ def _spectra_arguments(parser: argparse.ArgumentParser) -> None:
 def streamed_spectra(args: argparse.Namespace, use_cache: bool = True):
     """Spectra read layer by layer (a ``streaming.StreamResult``) when ``--model`` is a local directory
     whose weights would not fit where ``--device`` would load them; None when loading is fine."""
-    from pathlib import Path
-
     from .models import check_device, resolve_model_source
     from .progress import TqdmProgress
     from .streaming import model_layout, should_stream, stream_spectra
