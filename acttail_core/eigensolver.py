@@ -144,7 +144,8 @@ class _GraphedReduction:
             reduce_to_band(self.input, plan.bandwidth, plan.group, panel_qr)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the other GPU's thread and the LAPACK threads keep allocating and synchronising
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = reduce_to_band(self.input, plan.bandwidth, plan.group, panel_qr)
 
     def run(self) -> torch.Tensor:
