@@ -170,6 +170,7 @@ class _DeviceWorker:
         self.pool = pool
         self.events = events
         self.graphs: dict[tuple[int, int], _GraphedReduction] = {}
+        self.copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.bisect = self.panel_qr = None
         if plan.panel == "triton" or plan.tridiagonal == "gpu":
             try:  # optional: Triton needs a GPU (or TRITON_INTERPRET=1 on the CPU)
@@ -199,7 +200,19 @@ class _DeviceWorker:
 
     def _grams(self, group: list[tuple[int, torch.Tensor]], dim: int, out: torch.Tensor) -> None:
         for slot, (_, weight) in enumerate(group):
-            gram_matrix(weight.to(self.device, non_blocking=True), out=out[slot])
+            gram_matrix(self._fetch(weight), out=out[slot])
+
+    def _fetch(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight on this device. A copy from another GPU runs on a side stream of that GPU: PyTorch
+        copies on the source's current stream, which is busy with the other thread's work and would make
+        this GPU wait for all of it."""
+        if weight.device == self.device or weight.device.type != "cuda" or self.device.type != "cuda":
+            return weight.to(self.device, non_blocking=True)
+        stream = self.copy_streams.get(weight.device)
+        if stream is None:
+            stream = self.copy_streams[weight.device] = torch.cuda.Stream(weight.device)
+        with torch.cuda.stream(stream):
+            return weight.to(self.device, non_blocking=True)
 
     def _solve_group(self, dim: int, group: list[tuple[int, torch.Tensor]], label: str, pending: deque) -> None:
         indices = [index for index, _ in group]
