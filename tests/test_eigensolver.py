@@ -229,9 +229,16 @@ def test_default_model_float32_eigenvalues_keep_alpha(default_reference) -> None
     assert worst < 0.005, worst
 
 
-def test_solver_falls_back_when_triton_kernels_cannot_run(caplog) -> None:
-    """Triton imports on this machine but has no GPU driver: the plan's kernels fail at launch, the solver says
-    so and finishes with PyTorch panels and LAPACK dsterf, with the same eigenvalues."""
+def test_solver_falls_back_when_triton_kernels_cannot_run(caplog, monkeypatch) -> None:
+    """A Triton kernel that fails to build or launch on some GPU: the solver says so and finishes with PyTorch
+    panels and LAPACK dsterf, with the same eigenvalues."""
+    from acttail_core import triton_spectra
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(triton_spectra, "panel_qr", broken)
+    monkeypatch.setattr(triton_spectra, "tridiagonal_eigenvalues", broken)
     weights = [torch.randn(50, 30, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with caplog.at_level("WARNING", logger="acttail_core.eigensolver"):
         results = solve(_units(weights, 3, []), 3, [CPU], SolverPlan(bandwidth=4, group=8, min_dim=2))
