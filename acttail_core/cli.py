@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
@@ -103,6 +104,24 @@ def _spectra_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the spectra (with eigenvalues) to this JSON file")
 
 
+def streamed_spectra(args: argparse.Namespace, use_cache: bool = True):
+    """Spectra read layer by layer (a ``streaming.StreamResult``) when ``--model`` is a local directory
+    whose weights would not fit where ``--device`` would load them; None when loading is fine."""
+    from .models import check_device, resolve_model_source
+    from .progress import TqdmProgress
+    from .streaming import model_layout, should_stream, stream_spectra
+
+    check_device(args.device)
+    source, is_local = resolve_model_source(args.model, TqdmProgress("model"))
+    if not (is_local and Path(source).is_dir()):
+        return None
+    layout = model_layout(source, args.dtype, args.device, args.trust_remote_code)
+    if not should_stream(layout, args.device):
+        return None
+    progress = TqdmProgress("spectra")
+    return stream_spectra(source, args.model, args.rule, args.device, args.dtype, use_cache, progress, layout=layout)
+
+
 def _spectra_run(args: argparse.Namespace) -> int:
     from .progress import TqdmProgress
     from .spectra import compute_spectra
@@ -110,10 +129,18 @@ def _spectra_run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         args.out = check_output(args.out, [model_input(args)])  # before the slow work, not after it
-    loaded = load_from_args(args)
-    spectra = compute_spectra(loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra"))
+    streamed = streamed_spectra(args, not args.no_cache) if args.backend == "acttail" else None
+    if streamed is not None:
+        spectra, name = streamed.spectra, args.model
+        print("spectra from the cache (the model was not loaded)" if streamed.from_cache else streamed.memory_line())
+    else:
+        loaded = load_from_args(args)
+        spectra, name = compute_spectra(
+            loaded, rule=args.rule, backend=args.backend, use_cache=not args.no_cache, progress=TqdmProgress("spectra")
+        ), loaded.name
     summary = spectra.type_summary().round(3)
-    print_table(summary, f"{loaded.name}: alpha per projection type ({args.rule} rule, {spectra.backend}, {len(spectra.entries)} projections)")
+    what = f"{args.rule} rule, {spectra.backend}, {len(spectra.entries)} projections"
+    print_table(summary, f"{name}: alpha per projection type ({what})")
     if args.out:
         path = save_spectra(spectra, args.out)
         print(f"wrote {path}")
@@ -145,8 +172,9 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
     """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
     from .allocation import allocate, check_target
     from .progress import TqdmProgress
-    from .spectra import check_spectra_match, compute_spectra
+    from .spectra import check_spectra_match
     from .spectra_io import load_spectra
+    from .streaming import spectra_of
 
     if args.method == "greedy":
         from .greedy import greedy_budget
@@ -158,7 +186,7 @@ def build_budget(args: argparse.Namespace, loaded, sparsity: float):
         spectra = load_spectra(args.spectra)
         check_spectra_match(spectra, loaded)
     else:
-        spectra = compute_spectra(loaded, rule=args.rule, progress=TqdmProgress("spectra"))
+        spectra = spectra_of(loaded, rule=args.rule, progress=TqdmProgress("spectra"))
     return allocate(spectra, sparsity, settings)
 
 
@@ -174,11 +202,16 @@ def _allocate_run(args: argparse.Namespace) -> int:
         from .spectra_io import load_spectra
 
         load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
-    loaded = load_from_args(args)
-    budget = build_budget(args, loaded, args.sparsity)
+    streamed = streamed_spectra(args) if args.method != "greedy" and not args.spectra else None
+    if streamed is not None:  # a model too large to load: allocation needs only its spectra
+        from .allocation import allocate
+
+        budget = allocate(streamed.spectra, args.sparsity, settings_from_args(args))
+    else:
+        budget = build_budget(args, load_from_args(args), args.sparsity)
     print_table(
         budget_summary(budget).round(3),
-        f"{loaded.name}: {budget.method} budget at target {budget.target_sparsity:g} "
+        f"{budget.model_name}: {budget.method} budget at target {budget.target_sparsity:g} "
         f"(effective {budget.effective_sparsity:.4f}, {len(budget.projections)} projections)",
     )
     path = save_budget(budget, args.out)

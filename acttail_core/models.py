@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from .checkpoint import Checkpoint, fingerprint, tensor_sample
 from .errors import ModelLoadError
 from .integrity import file_digest_problem, record_file_digest, tree_digests, tree_problem
 from .progress import ProgressFn, report
@@ -73,7 +74,7 @@ class LoadedModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            self._fingerprint = model_fingerprint(self.model, self.source)
         return self._fingerprint
 
     @property
@@ -96,22 +97,29 @@ class LoadedModel:
         }
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, source: Optional[str] = None) -> str:
     """A content hash of the weights, cheap enough for 70B models.
 
     Hashes every parameter's name, shape and dtype plus a strided sample of at
     most 4096 of its values (taken on the parameter's own device). Two models
     with the same architecture but different weights differ in the sample with
     overwhelming probability; this is a cache key, not a security check.
+    Parameters offloaded by a device map (left on the ``meta`` device) are
+    sampled from the safetensors checkpoint in ``source``, so the key is the same
+    as for the model loaded whole (``checkpoint.fingerprint``).
     """
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(torch.float32).cpu().numpy().tobytes()
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
-        digest.update(sample)
-    return digest.hexdigest()[:16]
+    checkpoint: list[Checkpoint] = []
+
+    def sample(name: str, param: torch.Tensor) -> torch.Tensor:
+        if param.device.type != "meta":
+            return tensor_sample(param)
+        if not checkpoint:
+            if source is None or not Path(source).is_dir():
+                raise ModelLoadError(f"parameter {name} is offloaded and its checkpoint directory is unknown")
+            checkpoint.append(Checkpoint(source))
+        return checkpoint[0].sample(name).to(param.dtype)
+
+    return fingerprint((name, tuple(p.shape), p.dtype, sample(name, p)) for name, p in model.named_parameters())
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -19,19 +19,24 @@ and ``xmin`` is chosen by one of three rules (METHOD.md section 2):
 * ``mid``  - xmin is the median eigenvalue (AlphaPruning's ``PL_Alpha_Hill``).
 
 Eigenvalues at or below ``EVALS_THRESH`` (1e-5, weightwatcher's cut) are dropped
-before fitting. Eigen-decompositions run in float64: on the CPU one matrix at a
-time, on CUDA batched over same-shape matrices.
+before fitting. Eigenvalues are computed in float64: on the CPU by LAPACK one matrix
+at a time (the reference path); on GPUs by the two-stage solver of ``eigensolver``
+(band reduction on every visible GPU, band -> tridiagonal on the CPU cores,
+bisection to float32 precision), whose alphas agree with the reference within 0.5%
+for every rule (``tests/test_eigensolver.py``, ``bench/bench_spectra.py``). A model
+directory too large to load is read one decoder layer at a time (``streaming``).
 """
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from .eigensolver import SolverPlan, Unit, batch_size_for, default_plan, gram_dim, solve, visible_devices
 from .errors import ActTailError, SpectraError
 from .models import LoadedModel
 from .progress import ProgressFn, report
@@ -186,20 +191,17 @@ def gram_eigenvalues(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram)
 
 
-def _batches(projections: Sequence[Projection], device: torch.device, max_bytes: int) -> Iterable[list[int]]:
-    """Indices of projections grouped by shape, in batches whose float64 Gram fits in ``max_bytes``."""
-    if device.type != "cuda":
-        for i in range(len(projections)):
-            yield [i]
-        return
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, p in enumerate(projections):
-        by_shape.setdefault(p.shape, []).append(i)
-    for shape, indices in by_shape.items():
-        per_matrix = 8 * (min(shape) ** 2 * 3 + shape[0] * shape[1])
-        size = max(1, max_bytes // per_matrix)
-        for start in range(0, len(indices), size):
-            yield indices[start : start + size]
+def spectra_devices(
+    model: torch.nn.Module, projections: Sequence[Projection], device: Optional[str]
+) -> list[torch.device]:
+    """Where the eigenvalues are computed: ``device`` if given (plain ``cuda``: every visible GPU),
+    else where the weights are (CPU, or every visible GPU when they are on a GPU or spread by a device map)."""
+    if device:
+        return visible_devices(torch.device(device))
+    placed = {weight_of(model, p).device for p in projections}
+    if all(d.type == "cpu" for d in placed):
+        return [torch.device("cpu")]
+    return visible_devices(torch.device("cuda"))
 
 
 def compute_eigenvalues(
@@ -207,29 +209,47 @@ def compute_eigenvalues(
     projections: Sequence[Projection],
     device: Optional[str] = None,
     progress: Optional[ProgressFn] = None,
-    max_batch_bytes: int = 4 << 30,
+    plan: Optional[SolverPlan] = None,
 ) -> list[np.ndarray]:
     """Eigenvalues of every projection's Gram matrix, each ascending float64.
 
-    ``device=None`` computes where the weights live (CPU or the GPU holding them).
+    ``device=None`` computes where the weights live. On the CPU each matrix goes to LAPACK in
+    float64 (the reference path); on GPUs the two-stage solver of ``eigensolver`` shares the work
+    between every visible GPU and the CPU cores (``plan``: an ``eigensolver.SolverPlan``).
     """
-    out: list[Optional[np.ndarray]] = [None] * len(projections)
-    first_weight = weight_of(model, projections[0])
-    target = torch.device(device) if device else first_weight.device
-    with _few_threads_for_small(projections, target):
-        done = 0
-        for batch in _batches(projections, target, max_batch_bytes):
-            stacked = torch.stack([weight_of(model, projections[i]).detach().to(target) for i in batch])
-            eigs = gram_eigenvalues(stacked).cpu().numpy()
-            for row, i in enumerate(batch):
-                out[i] = eigs[row]
-            done += len(batch)
-            report(progress, done, len(projections), f"eigenvalues {done}/{len(projections)}")
-    return out  # type: ignore[return-value]
+    devices = spectra_devices(model, projections, device)
+    if devices[0].type == "cpu":
+        return _cpu_eigenvalues(model, projections, progress)
+    plan = plan or default_plan(devices[0])
+    by_dim: dict[int, list[int]] = {}
+    for i, p in enumerate(projections):
+        by_dim.setdefault(gram_dim(p.shape), []).append(i)
+    units = []
+    for dim, indices in by_dim.items():
+        size = batch_size_for(dim, len(indices), devices[0], plan)
+        for start in range(0, len(indices), size):
+            batch = indices[start : start + size]
+            layers = sorted({projections[i].layer for i in batch})
+            label = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            load = lambda _device, batch=batch: [(i, weight_of(model, projections[i])) for i in batch]  # noqa: E731
+            units.append(Unit(load, label))
+    results = solve(units, len(projections), devices, plan, progress)
+    return [results[i] for i in range(len(projections))]
+
+
+def _cpu_eigenvalues(
+    model: torch.nn.Module, projections: Sequence[Projection], progress: Optional[ProgressFn]
+) -> list[np.ndarray]:
+    out = []
+    with few_threads_for_small(projections, torch.device("cpu")):
+        for i, proj in enumerate(projections):
+            out.append(gram_eigenvalues(weight_of(model, proj).detach().cpu()).numpy())
+            report(progress, i + 1, len(projections), f"layer {proj.layer}: eigenvalues {i + 1}/{len(projections)}")
+    return out
 
 
 @contextmanager
-def _few_threads_for_small(projections: Sequence[Projection], device: torch.device):
+def few_threads_for_small(projections: Sequence[Projection], device: torch.device):
     """One CPU thread while working on small matrices.
 
     Multithreaded LAPACK and elementwise kernels gain little on Gram matrices this small and collapse
@@ -316,8 +336,12 @@ def compute_spectra(
     use_cache: bool = True,
     progress: Optional[ProgressFn] = None,
     device: Optional[str] = None,
+    plan: Optional[SolverPlan] = None,
 ) -> Spectra:
-    """Spectra of every projection of a loaded model, from the disk cache when possible."""
+    """Spectra of every projection of a loaded model, from the disk cache when possible.
+
+    ``plan`` (an ``eigensolver.SolverPlan``) tunes the GPU solver; benchmarks compare plans with it.
+    """
     if rule not in XMIN_RULES:
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     if backend not in BACKENDS:
@@ -333,12 +357,12 @@ def compute_spectra(
             return hit
     eigenvalues = cached_eigenvalues(fingerprint, projections) if use_cache else None
     if eigenvalues is None:
-        eigenvalues = compute_eigenvalues(loaded.model, projections, device=device, progress=progress)
+        eigenvalues = compute_eigenvalues(loaded.model, projections, device, progress, plan)
     fit_device = "cpu"
     first = weight_of(loaded.model, projections[0])
     if (device or str(first.device)).startswith("cuda"):
         fit_device = device or str(first.device)
-    with _few_threads_for_small(projections, torch.device(fit_device)):
+    with few_threads_for_small(projections, torch.device(fit_device)):
         spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress)
     if backend == "weightwatcher":
         for entry, fit in zip(spectra.entries, weightwatcher_fits(loaded.model, projections)):

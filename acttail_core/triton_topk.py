@@ -57,8 +57,12 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty_like(rows)
     block = triton.next_power_of_2(n_cols)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _topk_mask_kernel[(rows.shape[0],)](
-        rows, out, n_cols, rows.stride(0), out.stride(0), int(k),
-        LOW_BIT=_LOW_BIT.get(x.dtype, 0), BLOCK=block, num_warps=warps,
-    )
+    # Triton launches on the current device and its stream. With a device map, layers on cuda:1 get
+    # their inputs there while cuda:0 stays current: the kernel would run on cuda:0, unordered with
+    # cuda:1's stream, and the matmul would read the mask before it is written.
+    with torch.cuda.device(x.device):
+        _topk_mask_kernel[(rows.shape[0],)](
+            rows, out, n_cols, rows.stride(0), out.stride(0), int(k),
+            LOW_BIT=_LOW_BIT.get(x.dtype, 0), BLOCK=block, num_warps=warps,
+        )
     return out.reshape(x.shape)

@@ -27,7 +27,8 @@ from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoa
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
 from acttail_core.projections import Projection
-from acttail_core.spectra import Spectra, compute_spectra
+from acttail_core.spectra import Spectra
+from acttail_core.streaming import spectra_of
 
 log = logging.getLogger("acttail.app")
 
@@ -128,9 +129,10 @@ def cached_spectra(loaded: LoadedModel, rule: str) -> Optional[Spectra]:
 
 
 def get_spectra(loaded: LoadedModel, rule: str, progress: Optional[ProgressFn] = None) -> Spectra:
-    # The engine keeps its own disk cache; this store saves re-reading it on every rerun.
+    # The engine keeps its own disk cache; this store saves re-reading it on every rerun. spectra_of reads
+    # the weights layer by layer from the model's directory when a device map offloaded some of them.
     return _spectra_store().get_or_create(
-        (loaded.fingerprint, loaded.device, rule), lambda: compute_spectra(loaded, rule=rule, progress=progress)
+        (loaded.fingerprint, loaded.device, rule), lambda: spectra_of(loaded, rule=rule, progress=progress)
     )
 
 

@@ -224,3 +224,48 @@ def test_masker_keeps_the_k_largest_per_row(rows, d, frac, impl, seed):
     expect = torch.zeros_like(x).scatter(-1, top, x.gather(-1, top))
     assert torch.equal(out, expect)
     assert stats.per_projection()["p"] == pytest.approx(1 - keep / d, abs=1e-12)
+
+
+TOPK_DEVICE_CHECK = """
+import torch
+import acttail_core.triton_topk as kernel_module
+
+entered, launches = [], []
+
+
+class Recorder:  # stands in for torch.cuda.device, which needs a GPU
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        entered.append(self.device)
+
+    def __exit__(self, *exc):
+        entered.pop()
+
+
+torch.cuda.device = Recorder
+launch = kernel_module._topk_mask_kernel.run
+kernel_module._topk_mask_kernel.run = lambda *a, **k: (launches.append(list(entered)), launch(*a, **k))[1]
+x = torch.randn(5, 300)
+out = kernel_module.topk_mask(x, 40)
+assert launches == [[x.device]], launches
+kth = x.abs().topk(40, dim=-1).values[:, -1:]
+assert torch.equal(out, x * (x.abs() >= kth))
+print("ok")
+"""
+
+
+def test_triton_topk_launches_on_the_inputs_device() -> None:
+    """Regression (device_map over 2 GPUs): the kernel must launch inside torch.cuda.device(x.device), or it
+    runs on the current GPU, unordered with the stream of the GPU holding x, and the layer reads a half-written
+    mask. Run on the CPU by Triton's interpreter with the device context recorded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", TOPK_DEVICE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
