@@ -170,7 +170,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from .evaluate import THROUGHPUT_NOTE, _uniform_for, throughput
+    from .evaluate import _uniform_for, throughput, throughput_note
     from .progress import TqdmProgress
 
     _check_common(args)
@@ -201,18 +201,20 @@ def _bench_run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
-    if args.dense:
-        frame["prefill_vs_dense"] = frame["prefill_tokens_per_s"] / frame["prefill_tokens_per_s"].iloc[0]
-        frame["decode_vs_dense"] = frame["decode_tokens_per_s"] / frame["decode_tokens_per_s"].iloc[0]
+    frame["decode_min"] = [min(r.decode_runs, default=float("nan")) for r in results]
+    frame["decode_max"] = [max(r.decode_runs, default=float("nan")) for r in results]
+    shown = ["sparsity", "decode_path", "decode_tokens_per_s", "decode_min", "decode_max", "decode_speedup",
+             "prefill_tokens_per_s"]
     print_table(
-        frame.round(3),
-        f"{loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), batch 1, {args.mode} masking, "
-        f"median of {args.repeats} after a warm-up",
+        frame[shown].round(3),
+        f"{loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), batch 1, {args.mode} "
+        f"sparsity, tokens/s: median (min, max) of {args.repeats} after a warm-up",
     )
-    print(f"note: {THROUGHPUT_NOTE}")
+    note = throughput_note(results)
+    print(f"note: {note}")
     if args.out:
         config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
-        config["note"] = THROUGHPUT_NOTE
+        config["note"] = note
         path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
     return 0

@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 MAX_DEFAULT_SEQLEN = 2048
 MAX_CUDA_BATCH = 16
 THROUGHPUT_NOTE = (
-    "Masking zeroes activations but the dense matmul still reads every weight, so these numbers show the cost of "
-    "masking, not a speedup; speedups appear only with a sparse kernel that skips the weights of zeroed inputs "
-    "(a later issue)."
+    "Masked path: masking zeroes activations but the dense matmul still reads every weight, so it shows the cost "
+    "of masking and cannot be faster than dense; the sparse decode kernels need a CUDA GPU and a Llama, Mistral, "
+    "Qwen2/3 or Gemma 3 model on one device."
+)
+FUSED_NOTE = (
+    "Decode: one CUDA graph per step; dense rows use cuBLAS, sparse rows the sparse kernels (gather: only the "
+    "weight rows of kept inputs are read; masked: each projection's masked input through cuBLAS, for batches "
+    "whose kept inputs cover nearly every row). Prefill: transformers' forward with the same masks."
 )
 
 
@@ -76,12 +81,22 @@ class ThroughputResult:
     method: str
     sparsity: float
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # median over the repeats
     prompt_len: int
     new_tokens: int
+    decode_path: str = "masked"  # "dense-graph", "sparse-gather", "sparse-masked" (fused step) or "masked"
+    decode_runs: list = field(default_factory=list)  # decode tokens/s of every repeat: the spread
+    decode_speedup: float = float("nan")  # decode tokens/s over the dense row of the same call
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def throughput_note(results: Sequence[ThroughputResult]) -> str:
+    """What the throughput numbers can and cannot show, for the paths that ran."""
+    paths = {r.decode_path for r in results}
+    notes = [FUSED_NOTE] if paths - {"masked"} else []
+    return " ".join(notes + ([THROUGHPUT_NOTE] if "masked" in paths else []))
 
 
 def model_max_length(loaded: LoadedModel) -> Optional[int]:
@@ -294,8 +309,8 @@ def compare(
     return results
 
 
-def _median_timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median prefill seconds and median decode seconds (for ``new_tokens`` steps) over the repeats."""
+def _timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[list, list]:
+    """Prefill seconds and decode seconds (for ``new_tokens`` steps) of every repeat, after a warm-up run."""
     model = loaded.model
     # transformers 5.x renamed past_key_values to cache; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -318,7 +333,25 @@ def _median_timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, 
         if rep > 0:
             prefill.append(t1 - t0)
             decode.append(t2 - t1)
+    return prefill, decode
+
+
+def _median_timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median prefill seconds and median decode seconds (for ``new_tokens`` steps) over the repeats."""
+    prefill, decode = _timings(loaded, prompt, new_tokens, repeats)
     return statistics.median(prefill), statistics.median(decode)
+
+
+def fused_decode_unavailable(loaded: LoadedModel, mode: str) -> Optional[str]:
+    """Why the fused decode step cannot run here (None when it can)."""
+    if loaded.input_device.type != "cuda":
+        return "no CUDA GPU"
+    try:
+        from . import decode  # optional: needs the triton package, which CUDA builds of torch bring
+    except ImportError as exc:
+        return f"the sparse kernels need triton ({exc})"
+    ok, why = decode.support(loaded.model)
+    return None if ok else why
 
 
 def throughput(
@@ -332,15 +365,19 @@ def throughput(
     *,
     calibration: Optional[ThresholdTable] = None,
     topk_impl: str = "auto",
+    batch: int = 1,
 ) -> list[ThroughputResult]:
-    """Prefill and decode tokens/s at batch 1 for each budget (None = dense, no hooks at all).
+    """Prefill and decode tokens/s for each budget (None = dense), with the decode speed-up over dense.
 
-    The prompt is random token ids (a fixed seed): masking cost does not depend
-    on the text. Threshold mode calibrates on the demo corpus unless given a table.
+    On a CUDA GPU with a supported model, decode runs the fused CUDA-graphed step of
+    ``acttail_core.decode`` (sparse kernels for budgets); elsewhere the masked path of ``sparsify()``
+    (see ``THROUGHPUT_NOTE``). Prefill is always transformers' forward with the budget's masks. The
+    prompt is random token ids (a fixed seed): speed does not depend on the text. Threshold mode
+    calibrates on the demo corpus unless given a table.
     """
     _check_mode(mode)
-    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
-        raise ActTailError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1 or batch < 1:
+        raise ActTailError("--prompt-len, --new-tokens, --repeats and the batch must be at least 1")
     limit = model_max_length(loaded)
     if limit and prompt_len + new_tokens + 1 > limit:
         raise ActTailError(f"--prompt-len + --new-tokens exceeds the model's context length {limit}")
@@ -348,30 +385,69 @@ def throughput(
         from .thresholds import calibrate_thresholds
 
         calibration = calibrate_thresholds(loaded, "demo", progress=progress)
+    why_not = fused_decode_unavailable(loaded, mode)
+    if why_not is not None:
+        log.info("decode on the masked path: %s", why_not)
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(loaded.input_device)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(loaded.input_device)
     results = []
     for i, budget in enumerate(budgets):
         label = "dense" if budget is None else budget.method
-        report(progress, i, len(budgets), label)
+        report(progress, i, 2 * len(budgets), f"{label}: prefill" + ("" if why_not is None else " and masked decode"))
         thresholds = calibration.thresholds_for(budget) if (calibration is not None and budget is not None) else None
         with torch.no_grad(), sparsify(loaded.model, budget, mode, thresholds, measure=False, topk_impl=topk_impl):
             try:
-                pre_s, dec_s = _median_timings(loaded, prompt, new_tokens, repeats)
+                prefill, decode = _timings(loaded, prompt, 0 if why_not is None else new_tokens, repeats)
             except RuntimeError as exc:
                 if not _is_oom(exc):
                     raise
-                raise ActTailError(f"CUDA out of memory at batch 1 with a {prompt_len}-token prompt; lower --prompt-len") from None
+                raise ActTailError(f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower --prompt-len") from None
+        runs = [batch * new_tokens / seconds for seconds in decode] if why_not is not None else []
         results.append(
             ThroughputResult(
                 method=label,
                 sparsity=0.0 if budget is None else float(budget.effective_sparsity),
-                prefill_tokens_per_s=prompt_len / pre_s,
-                decode_tokens_per_s=new_tokens / dec_s,
+                prefill_tokens_per_s=batch * prompt_len / statistics.median(prefill),
+                decode_tokens_per_s=statistics.median(runs) if runs else float("nan"),
                 prompt_len=prompt_len,
                 new_tokens=new_tokens,
+                decode_runs=runs,
             )
         )
-    report(progress, len(budgets), len(budgets), "done")
+    if why_not is None:
+        _fused_decode_speeds(loaded, budgets, results, prompt_len, new_tokens, repeats, mode, calibration, batch,
+                             progress)
+    dense = next((r.decode_tokens_per_s for r, b in zip(results, budgets) if b is None), None)
+    if dense:
+        for result in results:
+            result.decode_speedup = result.decode_tokens_per_s / dense
+    report(progress, 2 * len(budgets), 2 * len(budgets), "done")
     return results
+
+
+def _fused_decode_speeds(loaded, budgets, results, prompt_len, new_tokens, repeats, mode, calibration, batch,
+                         progress) -> None:
+    """Decode tokens/s of every budget through the fused step; the weights are input-major only meanwhile."""
+    from . import decode  # optional dependency (triton), checked by fused_decode_unavailable
+
+    kwargs = dict(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, mode=mode, batch=batch)
+    for i, (budget, result) in enumerate(zip(budgets, results)):
+        if budget is None:
+            report(progress, len(budgets) + i, 2 * len(budgets), "dense: decode")
+            _store(result, decode.measure_decode(loaded, None, **kwargs))
+    sparse = [(b, r) for b, r in zip(budgets, results) if b is not None]
+    if not sparse:
+        return
+    with decode.input_major(loaded.model) as weights:
+        for i, (budget, result) in enumerate(sparse):
+            report(progress, len(budgets) + i + (len(budgets) - len(sparse)), 2 * len(budgets),
+                   f"{budget.method}: decode")
+            thresholds = calibration.thresholds_for(budget) if calibration is not None else None
+            _store(result, decode.measure_decode(loaded, budget, weights=weights, thresholds=thresholds, **kwargs))
+
+
+def _store(result: ThroughputResult, speed) -> None:
+    result.decode_tokens_per_s = speed.tokens_per_s
+    result.decode_runs = list(speed.runs)
+    result.decode_path = speed.path

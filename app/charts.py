@@ -325,18 +325,35 @@ def perplexity_chart(rows: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def with_decode_spread(rows: pd.DataFrame) -> pd.DataFrame:
+    """Adds decode_min / decode_max (tokens/s over the repeats) from decode_runs, when the rows have it."""
+    rows = rows.copy()
+    if "decode_runs" in rows:
+        runs = rows["decode_runs"].apply(lambda r: list(r) if isinstance(r, (list, tuple)) and len(r) else [np.nan])
+        rows["decode_min"] = runs.apply(min)
+        rows["decode_max"] = runs.apply(max)
+    return rows
+
+
 def throughput_chart(rows: pd.DataFrame) -> go.Figure:
-    """Prefill and decode tokens/s for each method of one throughput run."""
+    """Prefill and decode tokens/s for each method of one throughput run; decode with its spread over the
+    repeats and its speed-up over dense."""
+    rows = with_decode_spread(rows)
+    labels = rows["short_label"] if "short_label" in rows else rows["label"]
     fig = go.Figure()
-    for column, name, color in (
-        ("prefill_tokens_per_s", "prefill", "#6baed6"),
-        ("decode_tokens_per_s", "decode", "#08519c"),
-    ):
-        fig.add_trace(
-            go.Bar(x=rows["short_label"] if "short_label" in rows else rows["label"], y=rows[column], name=name, marker_color=color, hovertemplate=f"%{{x}}<br>{name} %{{y:.1f}} tokens/s<extra></extra>")
-        )
+    fig.add_trace(go.Bar(x=labels, y=rows["prefill_tokens_per_s"], name="prefill", marker_color="#6baed6",
+                         hovertemplate="%{x}<br>prefill %{y:.1f} tokens/s<extra></extra>"))
+    decode = rows["decode_tokens_per_s"]
+    error = None
+    if "decode_min" in rows:
+        error = dict(type="data", symmetric=False, array=(rows["decode_max"] - decode).tolist(),
+                     arrayminus=(decode - rows["decode_min"]).tolist(), color="#333333")
+    speedup = rows["decode_speedup"] if "decode_speedup" in rows else pd.Series([np.nan] * len(rows))
+    text = [f"{v:.2f}x" if np.isfinite(v) else "" for v in speedup]
+    fig.add_trace(go.Bar(x=labels, y=decode, name="decode", marker_color="#08519c", error_y=error, text=text,
+                         textposition="outside", hovertemplate="%{x}<br>decode %{y:.1f} tokens/s<extra></extra>"))
     fig.update_layout(
-        title=dict(text="Throughput (tokens/s, higher is better)", x=0.0),
+        title=dict(text="Throughput (tokens/s, higher is better; decode: x dense, bars = min..max)", x=0.0),
         barmode="group",
         height=340,
         margin=dict(l=10, r=10, t=50, b=10),

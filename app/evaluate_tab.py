@@ -19,6 +19,7 @@ import streamlit as st
 
 from acttail_core.allocation import uniform_budget
 from acttail_core.budget import Budget
+from acttail_core.evaluate import THROUGHPUT_NOTE
 from app import charts
 from app.allocation_tab import describe
 from app.state import AppContext, StreamlitProgress, gpu_available, guarded, history, show_error
@@ -27,7 +28,8 @@ CPU_DEFAULT_TOKENS = 512
 GPU_DEFAULT_TOKENS = 16384
 TEXT_FILE = "text file"
 HISTORY_COLUMNS = (
-    "run", "kind", "label", "ppl", "prefill_tokens_per_s", "decode_tokens_per_s", "tokens", "realized_sparsity",
+    "run", "kind", "label", "ppl", "decode_tokens_per_s", "decode_speedup", "decode_path", "prefill_tokens_per_s",
+    "tokens", "realized_sparsity",
     "target_sparsity", "corpus", "mode", "model", "device",
 )
 
@@ -176,8 +178,12 @@ def _show_latest(rows: list[dict]) -> None:
         table_col.dataframe(frame[shown], hide_index=True, width="stretch")
         chart_col.plotly_chart(charts.perplexity_chart(frame), key=f"ppl_chart_{run}", config=charts.plotly_config(f"acttail-perplexity-run{run}"))
     else:
-        shown = [c for c in ("label", "prefill_tokens_per_s", "decode_tokens_per_s", "prompt_len", "new_tokens") if c in frame]
+        frame = charts.with_decode_spread(frame)
+        shown = [c for c in ("label", "decode_tokens_per_s", "decode_min", "decode_max", "decode_speedup", "decode_path",
+                             "prefill_tokens_per_s", "prompt_len", "new_tokens") if c in frame]
         table_col.dataframe(frame[shown], hide_index=True, width="stretch")
+        if "decode_path" in frame and (frame["decode_path"] == "masked").any():
+            table_col.caption(THROUGHPUT_NOTE)
         chart_col.plotly_chart(charts.throughput_chart(frame), key=f"tps_chart_{run}", config=charts.plotly_config(f"acttail-throughput-run{run}"))
 
 
@@ -271,10 +277,12 @@ def evaluate_fragment(ctx: AppContext) -> None:
                     show_error(error, "Perplexity")
 
     with st.container(border=True):
-        st.markdown("**Throughput** (prefill and decode tokens/s)")
-        note = getattr(engine["evaluate"], "THROUGHPUT_NOTE", "")
-        if note:
-            st.caption(note)
+        st.markdown("**Throughput** (prefill and decode tokens/s, decode speed-up over dense)")
+        why_not = engine["evaluate"].fused_decode_unavailable(ctx.loaded, mode)
+        if why_not is None:
+            st.caption(engine["evaluate"].FUSED_NOTE)
+        else:
+            st.caption(f"{engine['evaluate'].THROUGHPUT_NOTE} Here: {why_not}.")
         t1, t2, t3 = st.columns(3)
         prompt_len = int(t1.number_input("Prompt tokens", 8, 8192, 128 if on_gpu else 32, 8, key="tp_prompt", help="Prefill length."))
         new_tokens = int(t2.number_input("New tokens", 1, 2048, 32 if on_gpu else 8, 1, key="tp_new", help="Decoded tokens per repeat."))

@@ -101,10 +101,13 @@ def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
 
 def test_throughput_reports_all_budgets(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
-    results = throughput(tiny_loaded, [None, budget], prompt_len=16, new_tokens=3, repeats=1)
+    results = throughput(tiny_loaded, [None, budget], prompt_len=16, new_tokens=3, repeats=2)
     assert [r.method for r in results] == ["dense", "uniform"]
     assert all(r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0 for r in results)
-    assert "weight" in evaluate.THROUGHPUT_NOTE
+    assert [r.decode_path for r in results] == ["masked", "masked"]  # no CUDA here
+    assert all(len(r.decode_runs) == 2 for r in results) and results[0].decode_speedup == 1.0
+    assert "cannot be faster than dense" in evaluate.throughput_note(results)
+    assert evaluate.fused_decode_unavailable(tiny_loaded, "topk") == "no CUDA GPU"
     with pytest.raises(ActTailError, match="context length"):
         throughput(tiny_loaded, [None], prompt_len=600, new_tokens=3)
 
@@ -126,3 +129,18 @@ def test_results_carry_per_projection_sparsity_outside_the_json_keys(tiny_loaded
     name, gap = result.worst_projection()
     assert name in result.per_projection and abs(gap) <= 0.5 / 64 + 1 / 64  # rounding, and ties at position 0 of o
     assert "per_projection" not in result.as_dict() and "targets" not in result.as_dict()
+
+
+def test_throughput_decodes_on_the_fused_step_where_it_can(tiny_loaded, monkeypatch):
+    """With the GPU check answered yes, decode goes through acttail_core.decode (here under Triton's interpreter)."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(evaluate, "fused_decode_unavailable", lambda loaded, mode: None)
+    before = {n: p.detach().clone() for n, p in tiny_loaded.model.named_parameters()}
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    results = throughput(tiny_loaded, [None, budget], prompt_len=3, new_tokens=2, repeats=1)
+    assert [r.decode_path for r in results] == ["dense-graph", "sparse-gather"]
+    assert all(r.decode_tokens_per_s > 0 and len(r.decode_runs) == 1 for r in results)
+    assert results[1].decode_speedup == pytest.approx(results[1].decode_tokens_per_s / results[0].decode_tokens_per_s)
+    assert "only the weight rows of kept inputs" in evaluate.throughput_note(results)
+    for name, param in tiny_loaded.model.named_parameters():  # the input-major weights were restored
+        assert param.is_contiguous() and torch.equal(param, before[name])
