@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
+    parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -260,7 +261,8 @@ def main() -> None:
         for budget in budgets:
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
-        for budget in [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]:
+        pdl_rows = [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
+        for budget in pdl_rows if args.pdl_compare else []:
             os.environ["ACTTAIL_PDL"] = "1"  # what programmatic dependent launch buys, same run
             try:
                 attempt(f"PDL {budget.effective_sparsity}", lambda: record(
