@@ -165,6 +165,8 @@ class _DeviceWorker:
     """Drives one device: Gram matrices, band reduction, hand-off to the CPU pool, bisection."""
 
     def __init__(self, device: torch.device, plan: SolverPlan, pool: ThreadPoolExecutor, events: queue.Queue) -> None:
+        if device.type == "cuda" and device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.plan = plan
         self.pool = pool
@@ -352,7 +354,7 @@ def solve(
 
 def visible_devices(target: torch.device) -> list[torch.device]:
     """The devices spectra run on: every visible GPU for plain ``cuda``, else just ``target``."""
-    if target.type == "cuda" and target.index is None and torch.cuda.device_count() > 1:
+    if target.type == "cuda" and target.index is None:  # workers pin their thread to an indexed device
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [target]
 

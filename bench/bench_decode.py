@@ -31,6 +31,7 @@ import torch
 
 from acttail_core.allocation import allocate, uniform_budget
 from acttail_core.decode import Decoder, input_major, measure_decode, time_decoder, weight_bytes_per_step
+from acttail_core.eigensolver import SolverPlan
 from acttail_core.kernels.gather_gemv import GemvConfig, default_config
 from acttail_core.models import from_module, load_model
 from acttail_core.projections import find_projections
@@ -220,6 +221,9 @@ def main() -> None:
     dense_b = attempt("dense batch", lambda: record(measure_decode(loaded, None, batch=args.batch, **kw)))
     t0 = time.perf_counter()
     spectra = attempt("spectra", lambda: compute_spectra(loaded))
+    if spectra is None:  # the GPU solver's PyTorch panels and LAPACK tridiagonal stage, as a second try
+        spectra = attempt("spectra (torch panels, LAPACK)", lambda: compute_spectra(
+            loaded, plan=SolverPlan(tridiagonal="cpu", panel="torch")))
     result["spectra_s"] = time.perf_counter() - t0
     budgets = [uniform_budget(projections, float(s), loaded.name, loaded.fingerprint)
                for s in args.uniform.split(",") if s]
