@@ -26,6 +26,7 @@ bit-identical. Extra memory while converting: one group of one layer.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import statistics
@@ -160,6 +161,7 @@ def input_major(model: nn.Module) -> Iterator[InputMajorWeights]:
                     per_layer[group] = wt
                     total += wt.numel() * wt.element_size()
                 groups.append(per_layer)
+        gc.collect()  # a decoder still in a reference cycle would keep the row-major weights alive
         weights = InputMajorWeights(groups, total, peak)
         _CONVERTED[model] = weights
         yield weights
@@ -567,6 +569,7 @@ def measure_decode(
     runs = time_decoder(decoder, prompt_len, new_tokens, repeats)
     kind = decoder.kind
     del decoder
+    gc.collect()  # the step's launches refer back to the decoder: free its graph and buffers now
     median = statistics.median(runs)
     step_bytes = weight_bytes_per_step(loaded, budget if kind == "gather" else None)
     return DecodeSpeed(

@@ -7,6 +7,8 @@ checked too, by the relative error of the logits.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -125,7 +127,10 @@ def test_input_major_is_a_view_inside_and_bit_identical_after():
     with torch.no_grad():
         logits_before = model(input_ids=ids).logits
     q = model.model.layers[0].self_attn.q_proj
+    original = weakref.ref(q.weight)
+    Decoder(loaded, max_len=8)  # a dense decoder made and dropped before: must not pin the row-major weights
     with input_major(model) as weights:
+        assert original() is None  # the row-major weight was freed, not kept beside its input-major copy
         fused = weights.groups[0]["qkv"]
         assert fused.shape == (64, 64 + 32 + 32) and fused.is_contiguous()
         assert q.weight.data_ptr() == fused.data_ptr()  # a view: no second copy of the weights
