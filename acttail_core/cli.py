@@ -113,8 +113,8 @@ def streamed_spectra(args: argparse.Namespace, use_cache: bool = True):
 
     check_device(args.device)
     source, is_local = resolve_model_source(args.model, TqdmProgress("model"))
-    if not (is_local and Path(source).is_dir()):
-        return None
+    if not (is_local and Path(source).is_dir() and any(Path(source).glob("*.safetensors"))):
+        return None  # nothing to stream: the regular load explains what is missing
     layout = model_layout(source, args.dtype, args.device, args.trust_remote_code)
     if not should_stream(layout, args.device):
         return None
