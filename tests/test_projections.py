@@ -375,10 +375,12 @@ def test_sparse_decode_declines_fused_moe_and_conv1d_models(family) -> None:
     assert not ok and why
 
 
-@pytest.mark.parametrize("family", ["olmo2", "gemma2", "cohere", "granite", "stablelm", "olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "olmo", "olmo2", "olmo3", "cohere", "granite", "stablelm", "olmoe",
+                                    "qwen3_moe"])
 def test_other_mapped_families_match_their_map(family) -> None:
     extra = {"olmoe": dict(num_experts=4, num_experts_per_tok=2),
              "qwen3_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+             "gemma": dict(num_key_value_heads=2, head_dim=8),
              "gemma2": dict(num_key_value_heads=2, head_dim=8)}.get(family, {})
     model = make_tiny_family(family, **extra)
     types = [p.type for p in layer_projections(find_projections(model), 0)]
