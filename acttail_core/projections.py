@@ -17,7 +17,7 @@ and anything outside the decoder layers are never included.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -39,11 +39,13 @@ class Projection:
     type: str  # q, k, v, o, gate, up, down (shared_* for Qwen2-MoE's shared expert; the attribute name elsewhere)
     in_features: int
     out_features: int
-    module: str = ""  # the module holding the weight ("" = ``name``)
-    param: str = "weight"  # its parameter
-    expert: Optional[int] = None  # index along a 3-D experts parameter
-    transposed: bool = False  # the parameter is stored [in, out] (Conv1D, some experts)
-    rows: tuple[Block, ...] = ()  # (start, stop, step) blocks of the [out, in] matrix; () = all rows
+    # Where the weight lives: derived from the model, so not part of equality (spectra files and budgets
+    # record the five fields above, and a projection read back from them equals the model's).
+    module: str = field(default="", compare=False)  # the module holding the weight ("" = ``name``)
+    param: str = field(default="weight", compare=False)  # its parameter
+    expert: Optional[int] = field(default=None, compare=False)  # index along a 3-D experts parameter
+    transposed: bool = field(default=False, compare=False)  # the parameter is stored [in, out] (Conv1D, experts)
+    rows: tuple[Block, ...] = field(default=(), compare=False)  # (start, stop, step) blocks of [out, in]; () = all
 
     @property
     def params(self) -> int:
