@@ -123,7 +123,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _conv1d_type() -> Optional[type]:
+def _conv1d_type() -> type:
     # Imported here, not at the top: budget and allocation import this module for ``Projection`` alone,
     # and a model that holds a Conv1D has imported transformers already.
     from transformers.pytorch_utils import Conv1D

@@ -273,6 +273,7 @@ def test_zero_budget_is_bit_identical_and_the_experts_implementation_comes_back(
     loaded = loaded_family(family)
     model = loaded.model
     before = model.get_experts_implementation()
+    assert before == {"": "grouped_mm"}  # transformers' default, which the masked implementation follows
     ids = tokenize_corpus(loaded, TEXT, seqlen=64, max_tokens=128)
     zero = uniform_budget(find_projections(model), 0.0, loaded.name, loaded.fingerprint)
     with torch.no_grad():
@@ -286,6 +287,10 @@ def test_zero_budget_is_bit_identical_and_the_experts_implementation_comes_back(
             raise RuntimeError("boom")
         assert model.get_experts_implementation() == before
         assert torch.equal(model(ids).logits, dense)
+        model.set_experts_implementation("eager")  # another implementation: equal within rounding, and restored
+        with sparsify(model, zero):
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-6)
+        assert model.get_experts_implementation() == {"": "eager"}
 
 
 def unvisited_expert_mixtral():
