@@ -130,7 +130,7 @@ def select_micro(device: torch.device) -> list[dict]:
                     sel._select_kernel[(1,)](
                         x, x.stride(0), x, 0, x, 0, x, x, 1e-6, 1.0 / n_cols, x_out, x_out.stride(0), params,
                         lists.cuts, lists.idx, lists.val, lists.count, x, 0, x, 0, 0, n_cols,
-                        MODE=mode, G=groups, COMPACT=compact, MASK_OUT=False, PROLOGUE=0, HAS_DELTA=False,
+                        MODE=mode, G=groups, LISTS=True, COMPACT=compact, MASK_OUT=False, PROLOGUE=0, HAS_DELTA=False,
                         POST_NORM=False, STYLE=0, ACT=0, PASSES=4, BLOCK=block, ZERO_BLOCK=16, PDL=False,
                         num_warps=warps)
                 try:

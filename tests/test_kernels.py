@@ -99,6 +99,51 @@ def test_batch_reads_the_union_and_keeps_each_sequences_own_topk(dtype):
     check_lists(lists, x, [reference_keep(x, k) for k in ks])
 
 
+GUARD = 512  # elements after each output that a kernel must leave alone
+
+
+def guarded(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output tensor of ``shape`` at the start of a larger poisoned buffer, and the guard region after it.
+
+    Under the interpreter a write past an output lands in the host heap and crashes the process later
+    (when the memory is freed); on a GPU it silently overwrites a neighbouring tensor. Both show here.
+    """
+    numel = math.prod(shape)
+    buffer = torch.full((numel + GUARD,), -3.0, dtype=dtype, device=DEVICE)
+    return buffer[:numel].view(shape), buffer[numel:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_masked_copies_keep_each_projections_topk_and_write_nothing_else(dtype, batch, groups):
+    """The masked path (batches whose union is nearly dense): every projection's own masked input, for the
+    narrow inputs of small models too; nothing written outside ``x_out`` and ``masked_out``."""
+    n = 32
+    x = torch.randn(batch, n, device=DEVICE).to(dtype)
+    ks = [5, 16, 31][:groups]
+    x_out, x_guard = guarded((batch, n), dtype)
+    masked, masked_guard = guarded((groups, batch, n), dtype)
+    select_group(prologue=PLAIN, a=x, x_out=x_out, mode=MODE_TOPK,
+                 params=torch.tensor(ks, dtype=torch.int32, device=DEVICE), masked_out=masked)
+    assert torch.equal(x_out, x)
+    for g, k in enumerate(ks):
+        assert torch.equal(masked[g], torch.where(reference_keep(x, k), x, torch.zeros_like(x)))
+    assert (x_guard == -3).all() and (masked_guard == -3).all()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compaction_writes_nothing_outside_its_outputs(batch):
+    n = 32
+    x = torch.randn(batch, n, device=DEVICE)
+    x_out, x_guard = guarded((batch, n), x.dtype)
+    lists = CompactLists(3, batch, n, x.dtype, DEVICE)
+    select_group(prologue=PLAIN, a=x, x_out=x_out, mode=MODE_TOPK,
+                 params=torch.tensor([5, 16, 31], dtype=torch.int32, device=DEVICE), lists=lists)
+    assert (x_guard == -3).all()
+    check_lists(lists, x, [reference_keep(x, k) for k in (5, 16, 31)])
+
+
 def torch_rms(x: torch.Tensor, w: torch.Tensor, style: str, eps: float, dtype: torch.dtype) -> torch.Tensor:
     xf = x.float()
     xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -207,7 +207,7 @@ def _select_kernel(
     a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
     x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr, xm_ptr, xm_stride_g,
     zero_ptr, zero_stride, n_zero, n_cols,
-    MODE: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr, MASK_OUT: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, LISTS: tl.constexpr, COMPACT: tl.constexpr, MASK_OUT: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, STYLE: tl.constexpr,
     ACT: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -226,11 +226,12 @@ def _select_kernel(
     if MODE != 0:
         bits = tl.where(inside, tl.abs(x).to(tl.int32, bitcast=True), -1)
         c0, c1, c2 = _cuts(bits, param_ptr, G, MODE, PASSES)
-        tl.store(cut_ptr + row, c0)
-        if G > 1:
-            tl.store(cut_ptr + 64 + row, c1)
-        if G > 2:
-            tl.store(cut_ptr + 128 + row, c2)
+        if LISTS:  # the union sweep reads every sequence's cuts; without lists there is no buffer for them
+            tl.store(cut_ptr + row, c0)
+            if G > 1:
+                tl.store(cut_ptr + 64 + row, c1)
+            if G > 2:
+                tl.store(cut_ptr + 128 + row, c2)
         if MASK_OUT:  # each projection's own masked copy, for dense GEMMs (batches whose union is nearly dense)
             tl.store(xm_ptr + row * x_stride + cols, tl.where(bits >= c0, x, 0.0).to(DT), mask=inside)
             if G > 1:
@@ -374,7 +375,7 @@ def select_group(
         masked_out if masked_out is not None else dummy, masked_out.stride(0) if masked_out is not None else 0,
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         zero.shape[1] if zero is not None else 0, n_cols,
-        MODE=mode, G=groups, COMPACT=compact, MASK_OUT=masked_out is not None,
+        MODE=mode, G=groups, LISTS=lists is not None, COMPACT=compact, MASK_OUT=masked_out is not None,
         PROLOGUE=prologue, HAS_DELTA=has_delta, POST_NORM=post_norm_weight is not None,
         STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype], BLOCK=block,
         ZERO_BLOCK=min(4096, triton.next_power_of_2(max(zero.shape[1], 16))) if zero is not None else 16,
