@@ -15,13 +15,14 @@ reported. See ``THROUGHPUT_NOTE`` for what these numbers can and cannot show.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import MutableMapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from .budget import Budget
 from .errors import ActTailError, CorpusError
 from .models import LoadedModel
-from .progress import ProgressFn, report
+from .progress import ProgressFn, part, report
 from .sparsify import ThresholdTable, _check_mode, sparsify
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,12 @@ class PerplexityResult:
     # realized sparsity of every projection (not part of as_dict, whose keys are the results JSON schema)
     per_projection: Optional[dict] = field(default=None, repr=False, compare=False)
     targets: Optional[dict] = field(default=None, repr=False, compare=False)
+    cached: bool = field(default=False, repr=False, compare=False)  # taken from a cache, not measured by this call
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        data.pop("per_projection")
-        data.pop("targets")
+        for runtime_only in ("per_projection", "targets", "cached"):
+            data.pop(runtime_only)
         return data
 
     def worst_projection(self) -> tuple[str, float]:
@@ -270,6 +272,7 @@ def compare(
     calibration: Optional[ThresholdTable] = None,
     batch_size: Optional[int] = None,
     calib_tokens: Optional[int] = None,
+    cache: Optional[MutableMapping] = None,
 ) -> list[PerplexityResult]:
     """Dense, uniform at the budget's effective sparsity, then the budget, on the same chunks.
 
@@ -277,36 +280,90 @@ def compare(
     on ``calib_corpus`` (default: the corpus's own calibration text, never the
     evaluation text).
     """
-    from .budget import check_budget_matches
+    runs: list[tuple[str, Optional[Budget]]] = []
+    if include_dense:
+        runs.append(("dense", None))
+    if include_uniform and budget.method != "uniform":
+        runs.append(("uniform", _uniform_for(loaded, budget)))
+    runs.append((budget.method, budget))
+    return evaluate_budgets(loaded, runs, corpus, seqlen, max_tokens, mode, progress, calib_corpus=calib_corpus,
+                            calibration=calibration, batch_size=batch_size, calib_tokens=calib_tokens, cache=cache)
+
+
+def evaluate_budgets(
+    loaded: LoadedModel,
+    runs: Sequence[tuple[str, Optional[Budget]]],
+    corpus: str = "demo",
+    seqlen: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    mode: str = "topk",
+    progress: Optional[ProgressFn] = None,
+    *,
+    calib_corpus: Optional[str] = None,
+    calibration: Optional[ThresholdTable] = None,
+    batch_size: Optional[int] = None,
+    calib_tokens: Optional[int] = None,
+    cache: Optional[MutableMapping] = None,
+) -> list[PerplexityResult]:
+    """Perplexity of every ``(label, budget)`` run (None = dense) on the same chunks of ``corpus``.
+
+    ``progress`` advances through every chunk of every run (one bar for the whole call). With ``cache`` (any
+    dict-like the caller keeps, e.g. for a server's lifetime) a run already measured on the same weights,
+    tokens, mode, calibration and per-projection sparsities is taken from it (``cached=True``), not measured
+    again.
+    """
+    from .budget import budget_key, check_budget_matches
     from .corpora import default_calibration_corpus, load_text, prefix_chars, same_text
     from .projections import find_projections
 
     _check_mode(mode)
-    check_budget_matches(budget, find_projections(loaded.model))
+    projections = find_projections(loaded.model)
+    for _, budget in runs:
+        if budget is not None:
+            check_budget_matches(budget, projections)
     text = load_text(corpus, "eval", max_chars=prefix_chars(max_tokens))
     chunks = tokenize_corpus(loaded, text, seqlen, max_tokens)
     table = calibration
     if mode == "threshold" and table is None:
-        from .thresholds import calibrate_thresholds
-
         calib_corpus = calib_corpus or default_calibration_corpus(corpus)
         if same_text(corpus, calib_corpus):
             raise ActTailError(f"calibration text {calib_corpus} is the evaluation text; choose another --calib-corpus")
-        kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
-        table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
-    runs: list[tuple[Optional[Budget], str]] = []
-    if include_dense:
-        runs.append((None, "dense"))
-    if include_uniform and budget.method != "uniform":
-        runs.append((_uniform_for(loaded, budget), "uniform"))
-    runs.append((budget, budget.method))
+    text_key = hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
+    calib_key = ""  # threshold mode: which calibration made the thresholds
+    if mode == "threshold":
+        calib_key = f"table:{id(table)}" if table is not None else f"{calib_corpus}:{calib_tokens}"
     results = []
-    for run_budget, label in runs:
-        thresholds = table.thresholds_for(run_budget) if (table is not None and run_budget is not None) else None
-        results.append(
-            perplexity(loaded, chunks, run_budget, mode, thresholds, method=label, batch_size=batch_size, progress=progress)
-        )
+    for i, (label, budget) in enumerate(runs):
+        step = part(progress, i, len(runs))
+        what = "dense" if budget is None else budget_key(budget)
+        key = (loaded.fingerprint, str(loaded.dtype), mode, calib_key, text_key, what)
+        if cache is not None and key in cache:
+            results.append(replace(cache[key], method=label, cached=True))
+            report(step, 1, 1, f"{label}: from an earlier run")
+            continue
+        if mode == "threshold" and table is None and budget is not None:
+            from .thresholds import calibrate_thresholds
+
+            kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
+            table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
+        thresholds = table.thresholds_for(budget) if (table is not None and budget is not None) else None
+        result = perplexity(loaded, chunks, budget, mode, thresholds, method=label, batch_size=batch_size,
+                            progress=step)
+        if cache is not None:
+            cache[key] = result
+        results.append(result)
     return results
+
+
+def estimate_seconds(past: Sequence[dict], tokens: int, runs: int) -> Optional[float]:
+    """Seconds ``runs`` perplexity runs of ``tokens`` tokens should take, from earlier measured runs of the same
+    model and device (rows with ``seconds`` and ``tokens``, e.g. ``PerplexityResult.as_dict()``); None without any.
+    """
+    rates = [row["seconds"] / row["tokens"] for row in past
+             if row.get("seconds") and row.get("tokens") and not row.get("cached")]
+    if not rates:
+        return None
+    return statistics.median(rates[-12:]) * tokens * runs
 
 
 def _timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[list, list]:
