@@ -176,3 +176,28 @@ def test_estimate_seconds_from_earlier_runs():
     assert evaluate.estimate_seconds(past, tokens=200, runs=3) == pytest.approx(0.025 * 200 * 3)  # cached runs cost 0
     assert evaluate.estimate_seconds([], tokens=200, runs=3) is None
 
+
+def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded):
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    results = throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=2, repeats=3)
+    assert all(len(r.prefill_runs) == 3 and len(r.decode_runs) == 3 for r in results)
+    assert results[0].prefill_within_noise is None and results[1].decode_within_noise in (True, False)
+    assert evaluate.within_noise([10, 12], [11, 13]) and not evaluate.within_noise([10, 11], [20, 21])
+    assert evaluate.within_noise([20, 21], [10, 11], masked=True)  # the masked path cannot be faster than dense
+    assert not evaluate.within_noise([5, 6], [10, 11], masked=True)  # but it can be measurably slower
+    assert evaluate.relative_spread([8.0, 10.0, 12.0]) == pytest.approx(0.4)
+    noisy = evaluate.ThroughputResult("uniform", 0.5, 10, 5, 8, 2, decode_runs=[4, 6], prefill_runs=[8, 12],
+                                      decode_within_noise=True, prefill_within_noise=False)
+    note = evaluate.noise_note([noisy])
+    assert "uniform decode" in note and "uniform prefill" not in note and "50%" in note
+    noisy.decode_within_noise = False
+    assert evaluate.noise_note([noisy]) is None
+
+
+def test_throughput_rounds_interleave_the_methods(tiny_loaded):
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    messages = []
+    throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=1, repeats=2,
+               progress=lambda done, total, message: messages.append(message))
+    assert messages[:6] == ["dense: warm-up", "uniform: warm-up", "dense: repeat 1/2", "uniform: repeat 1/2",
+                            "dense: repeat 2/2", "uniform: repeat 2/2"]
