@@ -583,6 +583,7 @@ def perplexity_vs_sparsity(rows: pd.DataFrame, title: str = "Perplexity against 
     ``rows`` are perplexity results of one text and token count (label, method, sparsity, ppl, tokens).
     """
     ppl = rows[np.isfinite(rows["ppl"].astype(float))][["label", "method", "sparsity", "ppl", "tokens"]]
+    ppl = ppl.drop_duplicates(["label", "sparsity", "ppl"])  # a repeated run (from the cache) is one point
     dense = ppl[ppl["method"] == "dense"]
     curves = ppl[ppl["method"] != "dense"]
     labels = list(dict.fromkeys(curves["label"]))

@@ -227,6 +227,9 @@ def test_perplexity_against_sparsity_one_line_per_budget_and_dense_level():
     assert lines["encoding"]["color"]["scale"]["domain"] == ["uniform", "acttail (T=0.15)"]
     assert lines["encoding"]["color"]["scale"]["range"][0] == charts.METHOD_COLORS["uniform"]
     assert rule["mark"]["type"] == "rule" and data(chart, "text")["ppl"].tolist() == [20.0]
+    # A run repeated from the cache (same label, sparsity and perplexity) draws one point, not two.
+    repeated = charts.perplexity_vs_sparsity(pd.concat([rows, rows.iloc[[1]]]))
+    assert len(data(repeated, "label").query("label == 'uniform'")) == 2
 
 
 def test_results_charts_build():
