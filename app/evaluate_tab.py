@@ -16,7 +16,7 @@ import streamlit as st
 
 from acttail_core import evaluate
 from acttail_core.allocation import AllocationSettings, settings_of
-from acttail_core.budget import Budget
+from acttail_core.budget import Budget, describe
 from acttail_core.corpora import DEMO_FILES
 from acttail_core.sparsify import SPARSITY_MODES
 from acttail_core.sweep import SWEEP_METHODS, parse_targets, sweep
@@ -123,14 +123,16 @@ def _record(ctx: AppContext, mode: str, rows: list[dict]) -> None:
 def _quick_runs(ctx: AppContext, with_greedy: bool) -> list[tuple[str, Optional[Budget]]]:
     current = state.active_budget(ctx)
     target = current.budget.target_sparsity
+    # Labels name how a budget was made, not its target (the sparsity column has it): a setting's runs at
+    # several targets, quick or swept, then form one line of perplexity against sparsity.
     runs: list[tuple[str, Optional[Budget]]] = [("dense", None)]
     if current.budget.method != "uniform":
-        runs.append((f"uniform @ {target:.2f}", state.uniform_for(ctx, target)))
-    runs.append((f"{current.label} @ {target:.2f}", current.budget))
+        runs.append(("uniform", state.uniform_for(ctx, target)))
+    runs.append((current.label, current.budget))
     if with_greedy and current.budget.method != "greedy":
         greedy = state.budget_for(ctx, target, AllocationSettings(method="greedy"),
                                   StreamlitProgress(st, "greedy error curves"))
-        runs.append((f"greedy @ {target:.2f}", greedy))
+        runs.append((describe(greedy), greedy))
     return runs
 
 
@@ -299,12 +301,12 @@ def _show_throughput(latest: dict) -> None:
     st.markdown(f"**Throughput run {run}**")
     if latest["note"]:
         st.warning(latest["note"], icon=":material/graphic_eq:")
-    with layout.chart_row("latest-throughput"):
-        shown = [c for c in ("label", "decode_tokens_per_s", "decode_min", "decode_max", "decode_speedup",
-                             "decode_within_noise", "decode_path", "prefill_tokens_per_s", "prefill_min",
-                             "prefill_max", "prefill_within_noise", "prompt_len", "new_tokens") if c in frame]
-        st.dataframe(frame[shown], hide_index=True, width="stretch")
-        layout.show_chart(charts.throughput_chart(frame), key=f"tps_chart_{run}")
+    shown = [c for c in ("label", "decode_tokens_per_s", "decode_min", "decode_max", "decode_speedup",
+                         "decode_within_noise", "decode_path", "prefill_tokens_per_s", "prefill_min",
+                         "prefill_max", "prefill_within_noise", "prompt_len", "new_tokens") if c in frame]
+    st.dataframe(frame[shown], hide_index=True, width="stretch")
+    # Below the table, not beside it: two fixed-width panels (prefill, decode) need the row's width.
+    layout.show_chart(charts.throughput_chart(frame), key=f"tps_chart_{run}")
     st.caption(latest["paths"])
 
 

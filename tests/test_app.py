@@ -463,9 +463,9 @@ def test_quick_perplexity_fills_the_history_with_one_bar_and_estimates(tiny_mode
     at.button(key="run_perplexity").click().run()
     assert_clean(at)
     history = at.session_state["run_history"]
-    assert [row["label"] for row in history] == ["dense", "uniform @ 0.60",
-                                                  "acttail (T=0.15, keep-light, projection, mid) @ 0.60",
-                                                  "greedy @ 0.60"]
+    assert [row["label"] for row in history] == ["dense", "uniform", "acttail (T=0.15, keep-light, projection, mid)",
+                                                  "greedy (layer)"]
+    assert [row["target_sparsity"] for row in history] == [None, 0.6, 0.6, 0.6]
     assert all(row["ppl"] > 1 and row["tokens"] == 127 for row in history) and {row["run"] for row in history} == {1}
     # The next estimate comes from the measured speed.
     assert any("at the speed measured earlier on this model" in c.value for c in at.caption)
@@ -485,7 +485,9 @@ def test_quick_perplexity_fills_the_history_with_one_bar_and_estimates(tiny_mode
     assert len(calls) == 2  # uniform and acttail at 0.4; dense, and the fake greedy (uniform's sparsities), cached
     assert {d.proto.label for d in at.get("download_button")} >= {"Download history (CSV)", "Download history (JSON)"}
     chart = figure(at, "history_chart")
-    assert "uniform @ 0.60" in set(chart_data(at, "history_chart", "label")["label"])
+    history_points = chart_data(at, "history_chart", "label")
+    uniform = history_points[history_points["label"] == "uniform"]
+    assert sorted(uniform["sparsity"]) == pytest.approx([0.4, 0.6])  # one line across runs at two targets
     assert chart["layer"][0]["encoding"]["x"]["title"] == "effective sparsity"
 
 
