@@ -37,9 +37,10 @@ import torch
 from .budget import Budget, keep_count, make_budget
 from .errors import ActTailError
 from .integrity import CacheIntegrityError, read_with_digest, write_with_digest
+from .intercept import intercept
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
-from .projections import Projection, find_projections, get_module
+from .projections import Projection, find_projections, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +82,13 @@ def _cache_file(fingerprint: str, corpus: str, tokens: int) -> Path:
 
 def _capture_inputs(loaded: LoadedModel, projections: Sequence[Projection], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for proj in projections:
-        def hook(module, args, name=proj.name):
-            x = args[0].detach()
-            captured[name] = x.reshape(-1, x.shape[-1])  # q/k/v share one tensor: stored once, referenced thrice
 
-        handles.append(get_module(loaded.model, proj.name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            loaded.model(ids.to(loaded.input_device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    def capture(name: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        captured[name] = x.reshape(-1, x.shape[-1])  # q/k/v share one tensor: stored once, referenced thrice
+
+    with torch.no_grad(), intercept(loaded.model, projections, capture):
+        loaded.model(ids.to(loaded.input_device))
     return captured
 
 
@@ -124,8 +119,11 @@ def measure_error_curves(
     dropped_cache: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share an input: one sort for all three
     with torch.no_grad():
         for i, proj in enumerate(projections):
-            weight = get_module(loaded.model, proj.name).weight
-            x = inputs[proj.name]
+            weight = weight_of(loaded.model, proj)
+            x = inputs.get(proj.name)
+            if x is None or x.shape[0] == 0:  # an expert no calibration token was routed to: filled in below
+                errors[i, 1:] = np.nan
+                continue
             if id(x) not in dropped_cache:
                 dropped_cache.clear()
                 keeps = [keep_count(level, proj.in_features) for level in LEVELS[1:]]
@@ -135,6 +133,7 @@ def measure_error_curves(
             lost = torch.linalg.vector_norm((dropped @ weight.T).float(), dim=(1, 2)) ** 2
             errors[i, 1:] = (lost / reference.clamp_min(1e-30)).cpu().numpy()
             report(progress, i + 1, len(projections), f"error curves {i + 1}/{len(projections)}")
+    _fill_unvisited(projections, errors)
     curves = ErrorCurves(projections, LEVELS.copy(), errors, corpus, tokens)
     if use_cache:
         data = {"names": [p.name for p in projections], "levels": LEVELS.tolist(), "errors": errors.tolist()}
@@ -144,6 +143,21 @@ def measure_error_curves(
         except (OSError, ActTailError) as exc:  # a read-only cache must not stop the allocation
             log.warning("could not write greedy cache: %s", exc)
     return curves
+
+
+def _fill_unvisited(projections: Sequence[Projection], errors: np.ndarray) -> None:
+    """Give each projection that saw no input (an unvisited expert) the mean curve of its type in its layer.
+
+    Its measured error would be zero at every level, which the greedy walk would read as free sparsity.
+    """
+    missing = np.isnan(errors[:, 1:]).any(axis=1)
+    for i in np.flatnonzero(missing):
+        peers = [j for j, p in enumerate(projections) if not missing[j] and p.layer == projections[i].layer
+                 and p.type == projections[i].type]
+        if not peers:
+            raise ActTailError(f"no calibration token reached {projections[i].name} or any projection of its type "
+                               "in its layer; use more calibration tokens")
+        errors[i] = errors[peers].mean(axis=0)
 
 
 def _greedy_path(errors: np.ndarray, levels: np.ndarray, params: np.ndarray, target: float) -> np.ndarray:

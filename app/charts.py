@@ -153,6 +153,36 @@ def alpha_color_range(spectra: Spectra) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def one_per_cell(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
+    """One row per (layer, type): a mixture of experts has one projection per expert in each cell.
+
+    Such cells hold the mean of each column in ``values`` over the cell's members (``members`` counts
+    them; ``name`` becomes the experts module's name, other columns are the first member's). Frames
+    without shared cells come back with ``members`` = 1 and nothing else changed.
+    """
+    if not frame.duplicated(["layer", "type"]).any():
+        return frame.assign(members=1)
+    frame = frame.assign(**{v: pd.to_numeric(frame[v], errors="coerce") for v in values})
+    grouped = frame.groupby(["layer", "type"], sort=False)
+    cells = grouped.first().reset_index()
+    means = grouped[list(values)].mean().reset_index(drop=True)
+    for v in values:
+        cells[v] = means[v].to_numpy()
+    cells["members"] = grouped.size().to_numpy()
+    shared = cells["members"] > 1
+    # "model.layers.0.mlp.experts.3.gate" -> "model.layers.0.mlp.experts (8 experts)"
+    cells.loc[shared, "name"] = [f"{n.rsplit('.', 2)[0]} ({m} experts)" for n, m in
+                                 zip(cells.loc[shared, "name"], cells.loc[shared, "members"])]
+    return cells
+
+
+def _mean_text(frame: pd.DataFrame, text: pd.Series) -> pd.Series:
+    """Hover text of a cell's value, as "mean ... of N experts" where the cell holds several (the other hover
+    fields of such a cell are means too)."""
+    return pd.Series([t if m == 1 else f"mean {t} of {m} experts" for t, m in zip(text, frame["members"])],
+                     index=frame.index)
+
+
 def alpha_range_note(spectra: Spectra) -> str:
     """What the alpha colour scale leaves out, in words (empty when it covers every cell)."""
     low, high = alpha_color_range(spectra)
@@ -191,10 +221,10 @@ def alpha_heatmap(spectra: Spectra, highlight: Optional[tuple[int, str]] = None,
     Clicking a cell selects it (the selection parameter ``cell`` reports its layer and type); ``highlight``
     outlines one cell. Cells beyond the colour range carry a mark, and the legend's end labels say so.
     """
-    frame = spectra_frame(spectra)
+    frame = one_per_cell(spectra_frame(spectra), ["alpha", "xmin", "ks_distance", "tail_size"])
     frame = frame.assign(
         shape=frame["out_features"].astype(str) + " x " + frame["in_features"].astype(str),
-        alpha_text=frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit"),
+        alpha_text=_mean_text(frame, frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit")),
         alpha=frame["alpha"].where(np.isfinite(frame["alpha"])),
     )
     low, high = alpha_color_range(spectra)
@@ -281,7 +311,8 @@ def alpha_by_type(spectra: Spectra):
 
 def lines_by_layer(frame: pd.DataFrame, value: str, title: str, y_title: str, subtitle: str = ""):
     """One line per projection type over the layers (``frame`` has layer, type and ``value`` per projection)."""
-    data = frame[["layer", "type", value]].rename(columns={value: "value"})
+    # A mixture of experts has several projections of a type per layer: their mean, as on the heatmaps.
+    data = frame.groupby(["layer", "type"], sort=False, as_index=False)[value].mean().rename(columns={value: "value"})
     types = ordered_types(data["type"])
     chart = alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=18), strokeWidth=1.6).encode(
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
@@ -305,14 +336,22 @@ def flat_range(budget: Budget) -> Optional[tuple[float, float]]:
     return max(0.0, middle - 0.02), min(1.0, middle + 0.02)
 
 
-def _budget_frame(budget: Budget) -> pd.DataFrame:
+def _budget_frame(budget: Budget, difference: Optional[Mapping[str, float]] = None) -> pd.DataFrame:
+    """One row per heatmap cell (a cell of experts holds their means); ``difference`` by projection name is added
+    as a column before the experts are averaged."""
     frame = budget.to_frame()[["name", "layer", "type", "sparsity", "keep", "in_features", "params", "alpha"]]
-    return frame.assign(alpha=frame["alpha"].astype(float))
+    frame = frame.assign(alpha=frame["alpha"].astype(float))
+    values = ["sparsity", "keep", "alpha"]
+    if difference is not None:
+        frame["difference"] = frame["name"].map(difference)
+        values.append("difference")
+    frame = one_per_cell(frame, values)
+    return frame.assign(sparsity_text=_mean_text(frame, frame["sparsity"].map(lambda v: f"{v:.3f}")))
 
 
 def _budget_tooltip(*extra: alt.Tooltip) -> list:
-    return [alt.Tooltip("name:N", title="projection"), *extra, alt.Tooltip("sparsity:Q", format=".3f"),
-            alt.Tooltip("keep:Q", title="inputs kept"), alt.Tooltip("in_features:Q", title="of"),
+    return [alt.Tooltip("name:N", title="projection"), *extra, alt.Tooltip("sparsity_text:N", title="sparsity"),
+            alt.Tooltip("keep:Q", title="inputs kept", format=".0f"), alt.Tooltip("in_features:Q", title="of"),
             alt.Tooltip("alpha:Q", format=".3f")]
 
 
@@ -341,8 +380,7 @@ def difference_limit(budgets: Iterable[Budget], reference_of) -> float:
 def difference_heatmap(budget: Budget, reference: Budget, title: str, height: Optional[int] = None,
                        limit: Optional[float] = None, subtitle: str = ""):
     """``budget`` minus ``reference`` sparsity per projection, on a diverging scale centred on 0."""
-    frame = _budget_frame(budget)
-    frame["difference"] = frame["name"].map(sparsity_difference(budget, reference))
+    frame = _budget_frame(budget, sparsity_difference(budget, reference))
     if limit is None and frame["difference"].abs().max() < 0.01:
         limit = 0.01  # (nearly) uniform: a fixed small range, not a degenerate one
     # Without a limit the scale spans the data, centred on 0 (so a slider move changes the data, not the spec).
@@ -412,8 +450,10 @@ def sparsity_by_layer(budgets: Mapping[str, Budget], proj_type: Optional[str] = 
         else:
             values = ((e.layer, e.sparsity) for e in budget.projections if e.type == proj_type)
         rows += [{"label": label, "layer": layer, "sparsity": value} for layer, value in values]
+    # One point per layer: a type's experts (a mixture of experts) show their mean, as on the heatmaps.
+    frame = pd.DataFrame(rows).groupby(["label", "layer"], sort=False, as_index=False)["sparsity"].mean()
     labels = list(budgets)
-    chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=alt.OverlayMarkDef(size=16), strokeWidth=1.8).encode(
+    chart = alt.Chart(frame).mark_line(point=alt.OverlayMarkDef(size=16), strokeWidth=1.8).encode(
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("sparsity:Q", title="sparsity", scale=alt.Scale(zero=False)),
         color=alt.Color("label:N", scale=_label_scale(labels), sort=labels, legend=_legend_below()),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from acttail_core.projections import projection_coverage
 from app import charts, layout
 from app.state import AppContext, projection_table
 
@@ -33,3 +34,9 @@ def render(ctx: AppContext, active: bool = True) -> None:
         with st.container():
             st.markdown("**Projections** (their inputs are what ActTail sparsifies):")
             st.dataframe(projection_table(ctx.projections), hide_index=True, width="content")
+            coverage = projection_coverage(ctx.loaded.model)
+            taken_and_skipped = "\n".join(f"* {line}" for line in coverage.lines())
+            if coverage.mapped:
+                st.caption(taken_and_skipped)
+            else:  # every linear layer was taken without a map: the user should know
+                st.warning(taken_and_skipped, icon=":material/info:")

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import streamlit as st
 
+from acttail_core.spectra import ProjectionSpectrum
 from app import charts, layout
 from app.state import AppContext, guarded
 
@@ -34,12 +35,27 @@ def _pickers(layers: list[int], types: list[str]) -> tuple[int, str]:
     return layer, proj_type
 
 
+def _pick_expert(members: list[ProjectionSpectrum]) -> Optional[ProjectionSpectrum]:
+    """The cell's projection; in a cell of experts (the heatmap shows their mean), the one picked, bound to the URL
+    (``esd_expert``: its label, "expert 3", so a link names the same expert)."""
+    if len(members) <= 1:
+        return members[0] if members else None
+    labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
+    if st.session_state.get("esd_expert") not in labels:
+        st.session_state["esd_expert"] = labels[0]
+    picked = st.selectbox("Expert", labels, key="esd_expert", bind="query-params", width=150,
+                          help=f"{len(members)} experts in this cell; the heatmap shows their mean alpha.")
+    return members[labels.index(picked)]
+
+
 @st.fragment
 @guarded
 def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
     """A fragment: clicking a cell or changing the pickers reruns only this part."""
     spectra = ctx.spectra
-    by_cell = {(e.layer, e.type): e for e in spectra.entries}
+    by_cell: dict[tuple[int, str], list] = {}  # a mixture of experts has one entry per expert in a cell
+    for e in spectra.entries:
+        by_cell.setdefault((e.layer, e.type), []).append(e)
     layers = sorted({e.layer for e in spectra.entries})
     types = charts.ordered_types(e.type for e in spectra.entries)
 
@@ -54,7 +70,7 @@ def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
     if st.session_state.get("esd_type") not in types:
         st.session_state["esd_type"] = types[0]
     if not active:  # keep the pickers (and so the URL's choice) alive; draw nothing costly
-        _pickers(layers, types)
+        _pick_expert(by_cell.get(_pickers(layers, types), []))
         return
     highlight = (st.session_state["esd_layer"], st.session_state["esd_type"])
     with layout.chart_row("spectra"):
@@ -66,7 +82,7 @@ def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
         )
         with st.container():
             layer, proj_type = _pickers(layers, types)
-            entry = by_cell.get((layer, proj_type))
+            entry = _pick_expert(by_cell.get((layer, proj_type), []))
             if entry is None:
                 st.info(f"Layer {layer} has no {proj_type} projection.")
             else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -19,6 +18,9 @@ from streamlit.testing.v1 import AppTest
 
 from acttail_core.allocation import AllocationSettings, allocate
 from acttail_core.budget import load_budget
+from acttail_core.models import load_model
+from acttail_core.spectra import compute_spectra
+from tests.conftest import byte_tokenizer, make_tiny_family
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 TIMEOUT = 180
@@ -188,7 +190,6 @@ def test_a_server_listening_everywhere_by_accident_serves_nothing(monkeypatch):
 
 
 def test_spectra_tab_heatmap_esd_lines_and_csv(default_loaded):
-    from acttail_core.spectra import compute_spectra
 
     at = run_app()
     for chart in ("alpha_heatmap", "esd_plot", "alpha_by_type", "alpha_by_layer"):
@@ -223,7 +224,6 @@ def test_xmin_rule_is_selectable():
 
 
 def test_sliders_change_the_budget_and_its_views(default_loaded):
-    from acttail_core.spectra import compute_spectra
 
     at = run_app(tab="Allocation")
     assert_clean(at)
@@ -274,7 +274,6 @@ def test_budget_json_download_is_valid(default_loaded):
     labels = [d.proto.label for d in at.get("download_button")]
     assert "Download budget JSON" in labels
     from acttail_core.projections import find_projections
-    from acttail_core.spectra import compute_spectra
 
     budget = allocate(compute_spectra(default_loaded), 0.6)
     reread = load_budget(budget.to_json(), projections=find_projections(default_loaded.model),
@@ -283,7 +282,6 @@ def test_budget_json_download_is_valid(default_loaded):
 
 
 def test_uploaded_budget_is_validated_and_used_everywhere(default_loaded):
-    from acttail_core.spectra import compute_spectra
 
     at = run_app(tab="Allocation")
     at.file_uploader(key="budget_upload").upload("broken.json", b"{not json", "application/json")
@@ -326,7 +324,6 @@ def test_uploaded_budget_is_validated_and_used_everywhere(default_loaded):
 
 
 def test_budget_for_other_weights_needs_the_checkbox(default_loaded):
-    from acttail_core.spectra import compute_spectra
 
     at = run_app(tab="Allocation")
     other = json.loads(allocate(compute_spectra(default_loaded), 0.5).to_json())
@@ -373,7 +370,6 @@ def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):
 def test_pinned_budgets_side_by_side_in_the_url_and_evaluated_together(default_loaded, monkeypatch):
     import acttail_core.evaluate as evaluate
     import acttail_core.greedy as greedy
-    from acttail_core.spectra import compute_spectra
 
     monkeypatch.setattr(greedy, "greedy_budget", _fake_greedy([]))
     at = run_app(tab="Allocation", sparsity="0.55")
@@ -553,3 +549,42 @@ def test_activations_histogram_marks_the_budgets_cuts(default_loaded):
     at.slider(key="sparsity").set_value(0.3).run()
     open_tab(at, "Activations")
     assert metric(at, "Sparsity here") != f"{sparsity:.3f}"  # follows the budget, from the same captured input
+
+
+# --------------------------------------------------------------------------- other families
+
+
+@pytest.mark.parametrize("family, projections", [("phi3", 14), ("mixtral", 32), ("starcoder2", 12)])
+def test_fused_moe_and_unmapped_model_directories_load(family, projections, tmp_path, monkeypatch):
+    """Phi-3 (fused q|k|v and gate|up), Mixtral (experts) and a family without a map, from local directories: the
+    charts draw, the Model tab says what was taken and skipped, and the Spectra tab drills into one expert."""
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / family
+    make_tiny_family(family).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    at = run_app(model="local directory", path=str(folder))
+    assert_clean(at)
+    assert "alpha_heatmap" in chart_keys(at)
+    if family == "mixtral":
+        cells = chart_data(at, "alpha_heatmap", "alpha_text")
+        assert len(cells) == 2 * 7 and cells["alpha_text"].str.endswith("of 4 experts").sum() == 2 * 3  # shared cells
+        at.selectbox(key="esd_layer").set_value(1)
+        at.selectbox(key="esd_type").set_value("down").run()
+        at.selectbox(key="esd_expert").set_value("expert 2").run()
+        assert_clean(at)
+        entry = compute_spectra(load_model(str(folder))).by_name()["model.layers.1.mlp.experts.2.down"]
+        assert f"alpha = **{entry.alpha:.3f}**" in " ".join(c.value for c in at.caption)
+    open_tab(at, "Allocation")
+    assert_clean(at)
+    assert {"budget_heatmap", "difference_heatmap", "sparsity_by_layer"} <= set(chart_keys(at))
+    assert ("esd_expert=expert+2" in code_text(at)) == (family == "mixtral")  # the share link names the expert
+    open_tab(at, "Model")
+    assert_clean(at)
+    assert metric(at, "Projections") == str(projections)
+    notices = " ".join(c.value for c in at.caption) + " ".join(w.value for w in at.warning)
+    assert "taken: " in notices and "skipped: " in notices and "lm_head (outside the decoder layers)" in notices
+    assert ("is not in the projection map" in notices) == (family == "starcoder2")
+    if family == "phi3":
+        assert "taken: self_attn.qkv_proj -> q, k, v; self_attn.o_proj -> o; mlp.gate_up_proj -> gate, up" in notices
+    if family == "mixtral":
+        assert "mlp.experts -> gate, up, down of 4 experts" in notices and "mlp.gate (router)" in notices

@@ -8,8 +8,10 @@ import torch
 
 from acttail_core.activations import InputSample, magnitude_histogram
 from acttail_core.allocation import AllocationSettings, allocate, allocation_curves, uniform_budget
+from acttail_core.models import from_module
 from acttail_core.spectra import compute_spectra, esd_density, tail_density
 from app import charts
+from tests.conftest import byte_tokenizer, make_tiny_family
 
 
 @pytest.fixture
@@ -245,3 +247,23 @@ def test_params_by_type(tiny_spectra):
     total = sum(p.params for p in tiny_spectra.projections())
     q = sum(p.params for p in tiny_spectra.projections() if p.type == "q")
     assert frame["share"].iloc[0] == f"{q / total:.0%}"
+
+
+def test_experts_share_a_cell_that_shows_their_mean(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    spectra = compute_spectra(from_module(make_tiny_family("mixtral"), byte_tokenizer()))
+    cells = data(charts.alpha_heatmap(spectra), "alpha_text")
+    assert len(cells) == 2 * 7 and set(cells["type"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    experts = [e.alpha for e in spectra.entries if e.layer == 1 and e.type == "up"]
+    up = cells[(cells["layer"] == 1) & (cells["type"] == "up")].iloc[0]
+    assert len(experts) == 4 and up["alpha"] == pytest.approx(np.mean(experts))
+    assert up["name"] == "model.layers.1.mlp.experts (4 experts)"
+    assert up["alpha_text"] == f"mean {np.mean(experts):.3f} of 4 experts"
+    budget = allocate(spectra, 0.6, AllocationSettings())
+    downs = [e.sparsity for e in budget.projections if e.layer == 0 and e.type == "down"]
+    for chart in (charts.sparsity_heatmap(budget, "t"), charts.difference_heatmap(budget, budget, "t")):
+        frame = data(chart, "sparsity_text")
+        down = frame[(frame["layer"] == 0) & (frame["type"] == "down")]
+        assert len(down) == 1 and down["sparsity"].iloc[0] == pytest.approx(np.mean(downs))
+    lines = data(charts.lines_by_layer(charts.spectra_frame(spectra), "alpha", "t", "alpha"), "value")
+    assert len(lines) == 2 * 7  # one point per layer and type: the experts' mean
