@@ -22,9 +22,10 @@ import torch
 
 from .budget import keep_count
 from .errors import ActTailError
+from .intercept import intercept
 from .models import LoadedModel
 from .progress import ProgressFn, report
-from .projections import find_projections, get_module
+from .projections import find_projections
 
 DEFAULT_TOKENS = 256
 MAX_QUANTILE_SAMPLE = 1 << 22  # torch.quantile refuses inputs above 2**24 elements; a sample this size is plenty
@@ -69,27 +70,27 @@ def capture_input(
     from .corpora import load_text
     from .evaluate import tokenize_corpus
 
-    if name not in {p.name for p in find_projections(loaded.model)}:
+    projection = next((p for p in find_projections(loaded.model) if p.name == name), None)
+    if projection is None:
         raise ActTailError(f"{name!r} is not a projection of this model")
     ids = tokenize_corpus(loaded, load_text(corpus, role="calibration"), seqlen=tokens, max_tokens=tokens)[:1]
     captured: list[torch.Tensor] = []
 
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        captured.append(x.reshape(-1, x.shape[-1]).abs().float().cpu())
+    def record(_name: str, x: torch.Tensor) -> None:
+        if not x.numel():  # an expert's call with no token routed to it: wait for one that has some
+            return
+        captured.append(x.detach().reshape(-1, x.shape[-1]).abs().float().cpu())
         raise _Captured
 
     report(progress, 0, 1, f"running the model up to {name}")
-    handle = get_module(loaded.model, name).register_forward_pre_hook(hook)
+    # intercept() reaches every kind of projection: a whole linear layer, a slice of a fused one, one expert.
     try:
-        with torch.no_grad():
+        with torch.no_grad(), intercept(loaded.model, [projection], record):
             loaded.model(ids.to(loaded.input_device), use_cache=False)
     except _Captured:
         pass
-    finally:
-        handle.remove()
     if not captured:
-        raise ActTailError(f"the forward pass never reached {name}")
+        raise ActTailError(f"no token of the calibration text reached {name}")
     report(progress, 1, 1, f"captured {name}")
     return InputSample(name=name, corpus=corpus, magnitudes=captured[0])
 
