@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -27,6 +26,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from acttail_core.allocation import AllocationSettings, allocate
+from acttail_core.budget import load_budget
+from acttail_core.spectra import compute_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ACTTAIL_CHROMIUM", "/usr/bin/chromium")
@@ -168,8 +172,6 @@ def _save(page, shots: Path, name: str) -> Path:
     page.screenshot(path=str(path))
     page.set_viewport_size({"width": width, "height": HEIGHT})
     if os.environ.get("ACTTAIL_UPDATE_ASSETS") == "1":
-        from PIL import Image
-
         ASSETS.mkdir(exist_ok=True)
         Image.open(path).convert("RGB").quantize(256).save(ASSETS / f"{name}.png", optimize=True)
     return path
@@ -312,10 +314,6 @@ def test_first_chart_and_slider_redraw_at_both_widths(app_url, browser, shots):
 
 
 def test_a_researchers_session(app_url, browser, shots, tmp_path, default_loaded):
-    from acttail_core.allocation import AllocationSettings, allocate
-    from acttail_core.budget import load_budget
-    from acttail_core.spectra import compute_spectra
-
     context = browser.new_context(viewport={"width": WIDE, "height": HEIGHT}, accept_downloads=True)
     page = context.new_page()
     page.goto(f"{app_url}/")
