@@ -6,20 +6,33 @@ per server, so changing the budget redraws at once.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import streamlit as st
 
 from acttail_core.activations import DEFAULT_TOKENS, capture_input, magnitude_histogram
+from acttail_core.projections import Projection
 from app import charts, layout, state
 from app.state import AppContext, StreamlitProgress, guarded
 
 
-def _pickers(ctx: AppContext) -> tuple[int, str]:
+def _pickers(ctx: AppContext) -> Optional[Projection]:
+    """The projection picked by layer and type and, in a cell of experts (a mixture of experts), by expert; every
+    choice bound to the URL. None when the layer lacks that type."""
     layers = sorted({p.layer for p in ctx.projections})
     types = charts.ordered_types(p.type for p in ctx.projections)
     with layout.control_row("activations"):
         layer = st.selectbox("Layer", layers, key="act_layer", bind="query-params", width=110)
         proj_type = st.selectbox("Projection type", types, key="act_type", bind="query-params", width=150)
-    return layer, proj_type
+        members = [p for p in ctx.projections if p.layer == layer and p.type == proj_type]
+        if len(members) <= 1:
+            return members[0] if members else None
+        labels = [f"expert {p.name.rsplit('.', 2)[-2]}" for p in members]  # "...experts.3.up" -> expert 3
+        if st.session_state.get("act_expert") not in labels:
+            st.session_state["act_expert"] = labels[0]
+        picked = st.selectbox("Expert", labels, key="act_expert", bind="query-params", width=150,
+                              help=f"{len(members)} experts share this layer and type.")
+    return members[labels.index(picked)]
 
 
 @guarded
@@ -33,12 +46,11 @@ def render(ctx: AppContext, active: bool = True) -> None:
             "(red: median, band: 5-95% of tokens); the threshold mode (TEAL) cuts every token at one magnitude "
             "(green)."
         )
-    layer, proj_type = _pickers(ctx)
+    projection = _pickers(ctx)
     if not active:
         return
-    projection = next((p for p in ctx.projections if p.layer == layer and p.type == proj_type), None)
     if projection is None:
-        st.info(f"Layer {layer} has no {proj_type} projection.")
+        st.info(f"Layer {st.session_state['act_layer']} has no {st.session_state['act_type']} projection.")
         return
     current = state.active_budget(ctx)
     sparsity = current.budget.sparsity_by_name()[projection.name]

@@ -49,7 +49,7 @@ DEFAULTS = AllocationSettings()
 URL_KEYS = (
     "model", "path", "dtype", "device", "rule",
     "sparsity", "temperature", "eps", "method", "direction", "group",
-    "esd_layer", "esd_type", "esd_expert", "spectra_table", "cmp_type", "act_layer", "act_type",
+    "esd_layer", "esd_type", "esd_expert", "spectra_table", "cmp_type", "act_layer", "act_type", "act_expert",
     "eval_corpus", "eval_tokens", "eval_mode", "eval_greedy", "sweep_methods", "sweep_grid",
     "tp_prompt", "tp_new", "tp_repeats",
 )

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from acttail_core.allocation import AllocationSettings, allocate
 from acttail_core.budget import load_budget
-from acttail_core.models import load_model
+from acttail_core.models import cache_root, load_model
 from acttail_core.spectra import compute_spectra
 from tests.conftest import byte_tokenizer, make_tiny_family
 
@@ -558,7 +558,10 @@ def test_activations_histogram_marks_the_budgets_cuts(default_loaded):
 def test_fused_moe_and_unmapped_model_directories_load(family, projections, tmp_path, monkeypatch):
     """Phi-3 (fused q|k|v and gate|up), Mixtral (experts) and a family without a map, from local directories: the
     charts draw, the Model tab says what was taken and skipped, and the Spectra tab drills into one expert."""
+    corpora = cache_root() / "corpora"  # the demo texts (calibration for the Activations tab) from the real cache
     monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "corpora").symlink_to(corpora)
     folder = tmp_path / family
     make_tiny_family(family).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
@@ -588,3 +591,12 @@ def test_fused_moe_and_unmapped_model_directories_load(family, projections, tmp_
         assert "taken: self_attn.qkv_proj -> q, k, v; self_attn.o_proj -> o; mlp.gate_up_proj -> gate, up" in notices
     if family == "mixtral":
         assert "mlp.experts -> gate, up, down of 4 experts" in notices and "mlp.gate (router)" in notices
+    # The Activations tab reaches a slice of a fused layer (Phi-3's q) and one expert (Mixtral's).
+    open_tab(at, "Activations")
+    if family == "mixtral":
+        at.selectbox(key="act_type").set_value("up").run()
+        at.selectbox(key="act_expert").set_value("expert 3").run()
+    assert_clean(at)
+    expected = {"phi3": "model.layers.0.self_attn.qkv_proj.q", "mixtral": "model.layers.0.mlp.experts.3.up",
+                "starcoder2": "model.layers.0.self_attn.q_proj"}[family]
+    assert figure(at, "activation_histogram")["title"]["text"] == f"Input magnitudes of {expected}"
