@@ -248,3 +248,121 @@ def uniform_budget(
 
 def with_method(settings: AllocationSettings, **changes) -> AllocationSettings:
     return replace(settings, **changes).validate()
+
+
+# --------------------------------------------------------------------------- what the map looks like
+
+
+@dataclass(frozen=True)
+class AllocationCurve:
+    """The sparsity the allocation gives as a function of alpha, for one standardisation group."""
+
+    label: str  # "all projections", a projection type, or "layers"
+    x: np.ndarray  # grid over the group's range of alpha (or of a layer's mean alpha)
+    sparsity: np.ndarray
+
+
+@dataclass(frozen=True)
+class AllocationCurves:
+    """Every projection's (x, sparsity) point and the curves they lie on, at one target and setting."""
+
+    x_label: str  # "alpha" or "mean alpha of the layer" (group="layer" scores layers, not projections)
+    x: np.ndarray  # per projection, in the projections' order
+    sparsity: np.ndarray  # per projection: the allocation itself
+    curves: list[AllocationCurve]
+
+
+def _score_inputs(alphas: np.ndarray, projections: Sequence[Projection], group: str) -> tuple[np.ndarray, list[str]]:
+    """What each projection's score standardises (alpha, or its layer's mean alpha) and its standardisation group."""
+    if group == "layer":
+        layers = np.array([p.layer for p in projections])
+        means = {layer: alphas[layers == layer].mean() for layer in dict.fromkeys(layers)}
+        return np.array([means[layer] for layer in layers]), ["layers"] * len(projections)
+    if group == "type":
+        return alphas, [p.type for p in projections]
+    return alphas, ["all projections"] * len(projections)
+
+
+def _sparsity_of_score(score: np.ndarray, sparsities: np.ndarray, settings: AllocationSettings) -> Callable:
+    """The solved map score -> sparsity, recovered from the projections that no bound clipped.
+
+    ``allocate_sparsities`` solves one constant for all projections (acttail: ``keep = c exp(-T score)``;
+    linear: ``s = c eta(score)``); any unclipped projection gives it back exactly (the median of all of
+    them absorbs the last rounding spread).
+    """
+    low, high = settings.lower, settings.upper
+    free = (sparsities > low + 1e-12) & (sparsities < high - 1e-12)
+    if settings.method == "acttail":
+        if free.any():
+            log_c = float(np.median(np.log1p(-sparsities[free]) + settings.temperature * score[free]))
+            return lambda s: np.clip(1.0 - np.exp(log_c - settings.temperature * s), low, high)
+    else:  # linear
+        spread = score.max() - score.min()
+
+        def eta(s: np.ndarray) -> np.ndarray:
+            unit = (s - score.min()) / spread if spread > 1e-12 else np.full(np.shape(s), 0.5)
+            return (1 - settings.eps) + 2 * settings.eps * unit
+
+        if free.any():
+            c = float(np.median(sparsities[free] / eta(score[free])))
+            return lambda s: np.clip(c * eta(s), low, high)
+    # every projection at a bound: the map is a step through the points themselves
+    order = np.argsort(score)
+    return lambda s: np.interp(s, score[order], sparsities[order])
+
+
+def allocation_curves(
+    alphas: Sequence[float],
+    projections: Sequence[Projection],
+    sparsity: float,
+    settings: AllocationSettings = AllocationSettings(),
+    points: int = 80,
+) -> AllocationCurves:
+    """Where the allocation puts each projection and the curve(s) of alpha -> sparsity it follows.
+
+    One curve per standardisation group: one for ``projection`` grouping, one per type for ``type``, and for
+    ``layer`` one over the layer's mean alpha. The temperature sets the curve's steepness and the direction
+    its sign; the target moves it up or down. ``uniform`` (and T = 0, eps = 0) is a flat line.
+    """
+    sparsities = allocate_sparsities(alphas, projections, sparsity, settings)
+    alpha = finite_alpha(np.asarray(alphas, dtype=np.float64))
+    x, groups = _score_inputs(alpha, projections, settings.group)
+    x_label = "mean alpha of the layer" if settings.group == "layer" else "alpha"
+    knob = settings.temperature if settings.method == "acttail" else settings.eps
+    flat = settings.method == "uniform" or sparsity == 0 or knob == 0
+    score = scores(alphas, projections, settings.group, settings.direction)
+    mapping = None if flat else _sparsity_of_score(score, sparsities, settings)
+    sign = 1.0 if settings.direction == "keep-heavy" else -1.0
+    curves = []
+    for label in dict.fromkeys(groups):
+        members = np.array([g == label for g in groups])
+        grid = np.linspace(x[members].min(), x[members].max(), points)
+        if mapping is None:
+            curves.append(AllocationCurve(label, grid, np.full(points, float(sparsity))))
+            continue
+        # The score is an affine function of x inside a group; standardised over the layers' means for "layer".
+        reference = x[members]
+        if settings.group == "layer":  # one value per layer, as scores() standardises them
+            layers = np.array([p.layer for p in projections])
+            reference = np.array([x[layers == layer][0] for layer in dict.fromkeys(layers)])
+        std = reference.std()
+        grid_score = np.zeros(points) if not np.isfinite(std) or std < 1e-12 else sign * (grid - reference.mean()) / std
+        curves.append(AllocationCurve(label, grid, mapping(grid_score)))
+    return AllocationCurves(x_label=x_label, x=x, sparsity=sparsities, curves=curves)
+
+
+def settings_of(budget: Budget) -> tuple[float, AllocationSettings]:
+    """The target and settings a budget records, so a view can be rebuilt (or a link written) from a budget file.
+
+    Fields a method does not use keep their defaults. Whether the settings give back exactly this budget
+    (not if it was edited, or made for other weights) is for the caller to check.
+    """
+    defaults = AllocationSettings()
+    settings = AllocationSettings(
+        method=budget.method,
+        temperature=defaults.temperature if budget.temperature is None else budget.temperature,
+        eps=defaults.eps if budget.eps is None else budget.eps,
+        direction=budget.direction or defaults.direction,
+        group=budget.group or defaults.group,
+    )
+    return budget.target_sparsity, settings

@@ -32,6 +32,7 @@ unless the caller allows it explicitly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -359,3 +360,45 @@ def check_budget_matches(
 def save_budget(budget: Budget, path: str | Path) -> Path:
     """Write atomically through the one output writer (``safe_io``)."""
     return write_text(path, budget.to_json())
+
+
+# --------------------------------------------------------------------------- reading budgets side by side
+
+
+def describe(budget: Budget) -> str:
+    """A short label of how a budget was made, e.g. ``acttail (T=0.15, keep-light, projection, mid)``."""
+    if budget.method == "uniform":
+        return "uniform"
+    knobs = []
+    if budget.temperature is not None:
+        knobs.append(f"T={budget.temperature:g}")
+    if budget.eps is not None:
+        knobs.append(f"eps={budget.eps:g}")
+    knobs += [value for value in (budget.direction, budget.group, budget.xmin_rule) if value]
+    return f"{budget.method} ({', '.join(knobs)})" if knobs else budget.method
+
+
+def budget_key(budget: Budget) -> str:
+    """A digest of what a budget does to the model (every projection's sparsity), not of when or why it was made."""
+    body = json.dumps([[e.name, round(e.sparsity, 12)] for e in budget.projections])
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def sparsity_difference(budget: Budget, reference: Budget) -> dict[str, float]:
+    """Per projection, ``budget`` minus ``reference`` sparsity (both must cover the same projections)."""
+    theirs = reference.sparsity_by_name()
+    if set(theirs) != {e.name for e in budget.projections}:
+        raise BudgetError("the two budgets cover different projections: made for different models")
+    return {e.name: e.sparsity - theirs[e.name] for e in budget.projections}
+
+
+def mean_sparsity_by(budget: Budget, by: str) -> dict:
+    """Parameter-weighted mean sparsity per projection ``type`` or per ``layer``, in the budget's order."""
+    if by not in ("type", "layer"):
+        raise BudgetError(f"can summarise by type or layer, not {by!r}")
+    weighted: dict = {}
+    for entry in budget.projections:
+        key = getattr(entry, by)
+        total, params = weighted.get(key, (0.0, 0))
+        weighted[key] = (total + entry.params * entry.sparsity, params + entry.params)
+    return {key: total / params for key, (total, params) in weighted.items()}

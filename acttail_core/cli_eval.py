@@ -170,7 +170,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from .evaluate import _uniform_for, throughput, throughput_note
+    from .evaluate import _uniform_for, noise_note, throughput, throughput_note
     from .progress import TqdmProgress
 
     _check_common(args)
@@ -210,7 +210,7 @@ def _bench_run(args: argparse.Namespace) -> int:
         f"{loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), batch 1, {args.mode} "
         f"sparsity, tokens/s: median (min, max) of {args.repeats} after a warm-up",
     )
-    note = throughput_note(results)
+    note = " ".join(filter(None, [throughput_note(results), noise_note(results)]))
     print(f"note: {note}")
     if args.out:
         config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)

@@ -15,13 +15,14 @@ reported. See ``THROUGHPUT_NOTE`` for what these numbers can and cannot show.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import MutableMapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from .budget import Budget
 from .errors import ActTailError, CorpusError
 from .models import LoadedModel
-from .progress import ProgressFn, report
+from .progress import ProgressFn, part, report
 from .sparsify import ThresholdTable, _check_mode, sparsify
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,12 @@ class PerplexityResult:
     # realized sparsity of every projection (not part of as_dict, whose keys are the results JSON schema)
     per_projection: Optional[dict] = field(default=None, repr=False, compare=False)
     targets: Optional[dict] = field(default=None, repr=False, compare=False)
+    cached: bool = field(default=False, repr=False, compare=False)  # taken from a cache, not measured by this call
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        data.pop("per_projection")
-        data.pop("targets")
+        for runtime_only in ("per_projection", "targets", "cached"):
+            data.pop(runtime_only)
         return data
 
     def worst_projection(self) -> tuple[str, float]:
@@ -87,9 +89,44 @@ class ThroughputResult:
     decode_path: str = "masked"  # "dense-graph", "sparse-gather", "sparse-masked" (fused step) or "masked"
     decode_runs: list = field(default_factory=list)  # decode tokens/s of every repeat: the spread
     decode_speedup: float = float("nan")  # decode tokens/s over the dense row of the same call
+    prefill_runs: list = field(default_factory=list)  # prefill tokens/s of every repeat
+    # Whether the difference from dense is within the spread of the repeats (None for dense itself); see noise_note.
+    prefill_within_noise: Optional[bool] = None
+    decode_within_noise: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def within_noise(runs: Sequence[float], reference: Sequence[float], masked: bool = False) -> bool:
+    """Whether two sets of repeats do not tell their speeds apart: their min..max ranges overlap.
+
+    On the masked path (``masked``) a method measured faster than dense is noise by construction: masking adds
+    work and skips none.
+    """
+    if not runs or not reference:
+        return True
+    if masked and statistics.median(runs) > statistics.median(reference):
+        return True
+    return min(runs) <= max(reference) and min(reference) <= max(runs)
+
+
+def relative_spread(runs: Sequence[float]) -> float:
+    """(max - min) / median of the repeats: 0 for perfectly steady numbers (NaN without repeats)."""
+    return (max(runs) - min(runs)) / statistics.median(runs) if runs else float("nan")
+
+
+def noise_note(results: Sequence[ThroughputResult]) -> Optional[str]:
+    """One sentence when the repeats do not separate the methods from dense (None when every difference is resolved)."""
+    noisy = [f"{r.method} {phase}" for r in results for phase, flag in
+             (("prefill", r.prefill_within_noise), ("decode", r.decode_within_noise)) if flag]
+    if not noisy:
+        return None
+    spread = max((relative_spread(runs) for r in results for runs in (r.prefill_runs, r.decode_runs) if runs),
+                 default=float("nan"))
+    return (f"Within noise: {', '.join(noisy)} differ from dense by less than the spread of the repeats (up to "
+            f"{spread:.0%} of the median here), so those differences are not measured; more repeats or a quieter "
+            "machine may resolve them.")
 
 
 def throughput_note(results: Sequence[ThroughputResult]) -> str:
@@ -270,6 +307,7 @@ def compare(
     calibration: Optional[ThresholdTable] = None,
     batch_size: Optional[int] = None,
     calib_tokens: Optional[int] = None,
+    cache: Optional[MutableMapping] = None,
 ) -> list[PerplexityResult]:
     """Dense, uniform at the budget's effective sparsity, then the budget, on the same chunks.
 
@@ -277,45 +315,101 @@ def compare(
     on ``calib_corpus`` (default: the corpus's own calibration text, never the
     evaluation text).
     """
-    from .budget import check_budget_matches
+    runs: list[tuple[str, Optional[Budget]]] = []
+    if include_dense:
+        runs.append(("dense", None))
+    if include_uniform and budget.method != "uniform":
+        runs.append(("uniform", _uniform_for(loaded, budget)))
+    runs.append((budget.method, budget))
+    return evaluate_budgets(loaded, runs, corpus, seqlen, max_tokens, mode, progress, calib_corpus=calib_corpus,
+                            calibration=calibration, batch_size=batch_size, calib_tokens=calib_tokens, cache=cache)
+
+
+def evaluate_budgets(
+    loaded: LoadedModel,
+    runs: Sequence[tuple[str, Optional[Budget]]],
+    corpus: str = "demo",
+    seqlen: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    mode: str = "topk",
+    progress: Optional[ProgressFn] = None,
+    *,
+    calib_corpus: Optional[str] = None,
+    calibration: Optional[ThresholdTable] = None,
+    batch_size: Optional[int] = None,
+    calib_tokens: Optional[int] = None,
+    cache: Optional[MutableMapping] = None,
+) -> list[PerplexityResult]:
+    """Perplexity of every ``(label, budget)`` run (None = dense) on the same chunks of ``corpus``.
+
+    ``progress`` advances through every chunk of every run (one bar for the whole call). With ``cache`` (any
+    dict-like the caller keeps, e.g. for a server's lifetime) a run already measured on the same weights,
+    tokens, mode, calibration and per-projection sparsities is taken from it (``cached=True``), not measured
+    again.
+    """
+    from .budget import budget_key, check_budget_matches
     from .corpora import default_calibration_corpus, load_text, prefix_chars, same_text
     from .projections import find_projections
 
     _check_mode(mode)
-    check_budget_matches(budget, find_projections(loaded.model))
+    projections = find_projections(loaded.model)
+    for _, budget in runs:
+        if budget is not None:
+            check_budget_matches(budget, projections)
     text = load_text(corpus, "eval", max_chars=prefix_chars(max_tokens))
     chunks = tokenize_corpus(loaded, text, seqlen, max_tokens)
     table = calibration
     if mode == "threshold" and table is None:
-        from .thresholds import calibrate_thresholds
-
         calib_corpus = calib_corpus or default_calibration_corpus(corpus)
         if same_text(corpus, calib_corpus):
             raise ActTailError(f"calibration text {calib_corpus} is the evaluation text; choose another --calib-corpus")
-        kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
-        table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
-    runs: list[tuple[Optional[Budget], str]] = []
-    if include_dense:
-        runs.append((None, "dense"))
-    if include_uniform and budget.method != "uniform":
-        runs.append((_uniform_for(loaded, budget), "uniform"))
-    runs.append((budget, budget.method))
+    text_key = hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
+    calib_key = ""  # threshold mode: which calibration made the thresholds
+    if mode == "threshold":
+        calib_key = f"table:{id(table)}" if table is not None else f"{calib_corpus}:{calib_tokens}"
     results = []
-    for run_budget, label in runs:
-        thresholds = table.thresholds_for(run_budget) if (table is not None and run_budget is not None) else None
-        results.append(
-            perplexity(loaded, chunks, run_budget, mode, thresholds, method=label, batch_size=batch_size, progress=progress)
-        )
+    for i, (label, budget) in enumerate(runs):
+        step = part(progress, i, len(runs))
+        what = "dense" if budget is None else budget_key(budget)
+        key = (loaded.fingerprint, str(loaded.dtype), mode, calib_key, text_key, what)
+        if cache is not None and key in cache:
+            results.append(replace(cache[key], method=label, cached=True))
+            report(step, 1, 1, f"{label}: from an earlier run")
+            continue
+        if mode == "threshold" and table is None and budget is not None:
+            from .thresholds import calibrate_thresholds
+
+            kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
+            table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
+        thresholds = table.thresholds_for(budget) if (table is not None and budget is not None) else None
+        result = perplexity(loaded, chunks, budget, mode, thresholds, method=label, batch_size=batch_size,
+                            progress=step)
+        if cache is not None:
+            cache[key] = result
+        results.append(result)
     return results
 
 
-def _timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[list, list]:
-    """Prefill seconds and decode seconds (for ``new_tokens`` steps) of every repeat, after a warm-up run."""
+def estimate_seconds(past: Sequence[dict], tokens: int, runs: int) -> Optional[float]:
+    """Seconds ``runs`` perplexity runs of ``tokens`` tokens should take, from earlier measured runs of the same
+    model and device (rows with ``seconds`` and ``tokens``, e.g. ``PerplexityResult.as_dict()``); None without any.
+    """
+    rates = [row["seconds"] / row["tokens"] for row in past
+             if row.get("seconds") and row.get("tokens") and not row.get("cached")]
+    if not rates:
+        return None
+    return statistics.median(rates[-12:]) * tokens * runs
+
+
+def _timings(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int, repeats: int,
+             warm_up: bool = True) -> tuple[list, list]:
+    """Prefill seconds and decode seconds (for ``new_tokens`` steps) of every repeat, after a warm-up run
+    unless ``warm_up`` is False."""
     model = loaded.model
     # transformers 5.x renamed past_key_values to cache; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prefill, decode = [], []
-    for rep in range(repeats + 1):  # the first run is the warm-up
+    for rep in range(0 if warm_up else 1, repeats + 1):  # rep 0 is the warm-up
         _synchronize(model)
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
@@ -373,7 +467,9 @@ def throughput(
     ``acttail_core.decode`` (sparse kernels for budgets); elsewhere the masked path of ``sparsify()``
     (see ``THROUGHPUT_NOTE``). Prefill is always transformers' forward with the budget's masks. The
     prompt is random token ids (a fixed seed): speed does not depend on the text. Threshold mode
-    calibrates on the demo corpus unless given a table.
+    calibrates on the demo corpus unless given a table. The repeats are taken in rounds (every budget
+    once per round, after a warm-up round), so a change in the machine's load hits every budget alike;
+    each result says whether its difference from dense is within the spread of the repeats.
     """
     _check_mode(mode)
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or batch < 1:
@@ -391,39 +487,62 @@ def throughput(
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(loaded.input_device)
-    results = []
-    for i, budget in enumerate(budgets):
-        label = "dense" if budget is None else budget.method
-        report(progress, i, 2 * len(budgets), f"{label}: prefill" + ("" if why_not is None else " and masked decode"))
-        thresholds = calibration.thresholds_for(budget) if (calibration is not None and budget is not None) else None
-        with torch.no_grad(), sparsify(loaded.model, budget, mode, thresholds, measure=False, topk_impl=topk_impl):
-            try:
-                prefill, decode = _timings(loaded, prompt, 0 if why_not is None else new_tokens, repeats)
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                raise ActTailError(f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower --prompt-len") from None
-        runs = [batch * new_tokens / seconds for seconds in decode] if why_not is not None else []
-        results.append(
-            ThroughputResult(
-                method=label,
-                sparsity=0.0 if budget is None else float(budget.effective_sparsity),
-                prefill_tokens_per_s=batch * prompt_len / statistics.median(prefill),
-                decode_tokens_per_s=statistics.median(runs) if runs else float("nan"),
-                prompt_len=prompt_len,
-                new_tokens=new_tokens,
-                decode_runs=runs,
-            )
+    thresholds = [None if calibration is None or b is None else calibration.thresholds_for(b) for b in budgets]
+    labels = ["dense" if b is None else b.method for b in budgets]
+    masked_steps = new_tokens if why_not is not None else 0
+    steps = (repeats + 1) * len(budgets) + (len(budgets) if why_not is None else 0)
+    prefill: list[list[float]] = [[] for _ in budgets]
+    decode: list[list[float]] = [[] for _ in budgets]
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        for i, budget in enumerate(budgets):
+            what = "warm-up" if round_ == 0 else f"repeat {round_}/{repeats}"
+            report(progress, round_ * len(budgets) + i, steps, f"{labels[i]}: {what}")
+            masks = sparsify(loaded.model, budget, mode, thresholds[i], measure=False, topk_impl=topk_impl)
+            with torch.no_grad(), masks:
+                try:
+                    seconds = _one_repeat(loaded, prompt, masked_steps)
+                except RuntimeError as exc:
+                    if not _is_oom(exc):
+                        raise
+                    raise ActTailError(
+                        f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower --prompt-len"
+                    ) from None
+            if round_ > 0:
+                prefill[i].append(batch * prompt_len / seconds[0])
+                if masked_steps:
+                    decode[i].append(batch * masked_steps / seconds[1])
+    results = [
+        ThroughputResult(
+            method=labels[i],
+            sparsity=0.0 if budget is None else float(budget.effective_sparsity),
+            prefill_tokens_per_s=statistics.median(prefill[i]),
+            decode_tokens_per_s=statistics.median(decode[i]) if decode[i] else float("nan"),
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            decode_runs=decode[i],
+            prefill_runs=prefill[i],
         )
+        for i, budget in enumerate(budgets)
+    ]
     if why_not is None:
         _fused_decode_speeds(loaded, budgets, results, prompt_len, new_tokens, repeats, mode, calibration, batch,
-                             progress)
-    dense = next((r.decode_tokens_per_s for r, b in zip(results, budgets) if b is None), None)
-    if dense:
-        for result in results:
-            result.decode_speedup = result.decode_tokens_per_s / dense
-    report(progress, 2 * len(budgets), 2 * len(budgets), "done")
+                             part(progress, steps - len(budgets), steps) if progress else None)
+    dense = next((r for r, b in zip(results, budgets) if b is None), None)
+    if dense is not None:
+        for result, budget in zip(results, budgets):
+            result.decode_speedup = result.decode_tokens_per_s / dense.decode_tokens_per_s
+            if budget is not None:
+                masked = result.decode_path == "masked"
+                result.prefill_within_noise = within_noise(result.prefill_runs, dense.prefill_runs, masked=True)
+                result.decode_within_noise = within_noise(result.decode_runs, dense.decode_runs, masked=masked)
+    report(progress, steps, steps, "done")
     return results
+
+
+def _one_repeat(loaded: LoadedModel, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of one prefill of ``prompt`` and of ``new_tokens`` greedy decode steps after it."""
+    prefill, decode = _timings(loaded, prompt, new_tokens, 1, warm_up=False)
+    return prefill[0], decode[0]
 
 
 def _fused_decode_speeds(loaded, budgets, results, prompt_len, new_tokens, repeats, mode, calibration, batch,
@@ -434,15 +553,14 @@ def _fused_decode_speeds(loaded, budgets, results, prompt_len, new_tokens, repea
     kwargs = dict(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, mode=mode, batch=batch)
     for i, (budget, result) in enumerate(zip(budgets, results)):
         if budget is None:
-            report(progress, len(budgets) + i, 2 * len(budgets), "dense: decode")
+            report(progress, i, len(budgets), "dense: decode")
             _store(result, decode.measure_decode(loaded, None, **kwargs))
     sparse = [(b, r) for b, r in zip(budgets, results) if b is not None]
     if not sparse:
         return
     with decode.input_major(loaded.model) as weights:
         for i, (budget, result) in enumerate(sparse):
-            report(progress, len(budgets) + i + (len(budgets) - len(sparse)), 2 * len(budgets),
-                   f"{budget.method}: decode")
+            report(progress, len(budgets) - len(sparse) + i, len(budgets), f"{budget.method}: decode")
             thresholds = calibration.thresholds_for(budget) if calibration is not None else None
             _store(result, decode.measure_decode(loaded, budget, weights=weights, thresholds=thresholds, **kwargs))
 

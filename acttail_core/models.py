@@ -78,6 +78,16 @@ class LoadedModel:
         return self._fingerprint
 
     @property
+    def display_name(self) -> str:
+        """A human name: the packaged model's own name, a directory's or file's name, or the hub id."""
+        if self.name in PACKAGED_DISPLAY_NAMES:
+            return PACKAGED_DISPLAY_NAMES[self.name]
+        path = Path(self.name)
+        if path.suffix == ".gguf":
+            return path.stem
+        return path.name if path.exists() else self.name  # a hub id names itself
+
+    @property
     def input_device(self) -> torch.device:
         """Device of the input embeddings: where token ids must go."""
         return self.model.get_input_embeddings().weight.device
@@ -86,6 +96,7 @@ class LoadedModel:
         cfg = self.model.config
         return {
             "name": self.name,
+            "display_name": self.display_name,
             "architecture": type(self.model).__name__,
             "model_type": getattr(cfg, "model_type", "?"),
             "layers": getattr(cfg, "num_hidden_layers", None),
@@ -187,6 +198,8 @@ def gemma_gguf() -> Path:
     return target
 
 
+PACKAGED_DISPLAY_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2-135m": "SmolLM2-135M-Instruct",
+                          "gemma3-270m": "Gemma-3-270M"}
 PACKAGED_MODELS = {
     "default": ("smollm2-135m-instruct", default_model_gguf),
     "smollm2-135m": ("smollm2-135m-instruct", default_model_gguf),

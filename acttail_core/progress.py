@@ -40,3 +40,18 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def part(progress: Optional[ProgressFn], index: int, count: int) -> Optional[ProgressFn]:
+    """The progress of step ``index`` of ``count`` equal steps, reported as progress of the whole job.
+
+    A step that reports ``(done, total)`` becomes ``(index * total + done, count * total)``: one bar
+    advances through every step (e.g. every chunk of every run) instead of refilling for each.
+    """
+    if progress is None:
+        return None
+
+    def step(done: int, total: int, message: str = "") -> None:
+        progress(index * total + done, count * total, message)
+
+    return step

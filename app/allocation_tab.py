@@ -1,146 +1,75 @@
-"""The Allocation tab: turn alpha into a per-projection sparsity budget, live.
+"""The Allocation tab: turn alpha into a per-projection sparsity budget, live, and see what the map does.
 
-Everything below runs inside one ``st.fragment``: moving a slider reruns only
-the allocation (``acttail_core.allocation.allocate``) and its charts, not the
-model loading, spectra or other tabs.
+Everything that follows the sliders runs inside one ``st.fragment``: moving a
+slider reruns only the allocation (the engine's ``allocate`` /
+``allocation_curves``) and its charts, not the model loading, spectra or other
+tabs. An uploaded budget file replaces the sliders everywhere (every tab, the
+URL and the share link) until it is removed.
 """
 from __future__ import annotations
 
 import time
-from urllib.parse import urlencode
 
 import streamlit as st
 
-from acttail_core.allocation import (
-    DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, check_target, uniform_budget,
-)
-from acttail_core.budget import MAX_BUDGET_BYTES, Budget, load_budget
+from acttail_core.allocation import DIRECTIONS, GROUPS, MAX_TARGET, METHODS, allocation_curves, settings_of
+from acttail_core.budget import MAX_BUDGET_BYTES, Budget, describe, load_budget, sparsity_difference
 from acttail_core.errors import ActTailError
-from acttail_core.greedy import greedy_budget
-from app import charts
-from app.state import AppContext, guarded, show_error
-
-DEFAULTS = AllocationSettings()
-DEFAULT_SPARSITY = 0.5
-# Settings that, with the model ones, reproduce a view from its URL (see share_link).
-URL_SETTINGS = ("model", "path", "dtype", "device", "rule", "sparsity", "temperature", "eps", "method", "direction", "group")
-
-
-def settings_from_state() -> tuple[float, AllocationSettings]:
-    """The target sparsity and AllocationSettings the widgets describe (widget keys are the URL's parameter names)."""
-    state = st.session_state
-    settings = AllocationSettings(
-        method=state.get("method", DEFAULTS.method),
-        temperature=float(state.get("temperature", DEFAULTS.temperature)),
-        eps=float(state.get("eps", DEFAULTS.eps)),
-        direction=state.get("direction", DEFAULTS.direction),
-        group=state.get("group", DEFAULTS.group),
-    )
-    return float(state.get("sparsity", DEFAULT_SPARSITY)), settings
-
-
-def describe(budget: Budget) -> str:
-    """A short label of how a budget was made, for tables and legends."""
-    if budget.method == "uniform":
-        return "uniform"
-    knobs = []
-    if budget.temperature is not None:
-        knobs.append(f"T={budget.temperature:g}")
-    if budget.eps is not None:
-        knobs.append(f"eps={budget.eps:g}")
-    for value in (budget.direction, budget.group, budget.xmin_rule):
-        if value:
-            knobs.append(value)
-    return f"{budget.method} ({', '.join(knobs)})" if knobs else budget.method
-
-
-def share_link() -> str:
-    """A URL with every setting spelled out (the live URL omits settings left at their defaults)."""
-    state = st.session_state
-    params = {key: state[key] for key in URL_SETTINGS if state.get(key) not in (None, "")}
-    params["tab"] = "Allocation"
-    base = st.context.url or "http://localhost:8501/"
-    return f"{base}?{urlencode(params)}"
+from app import charts, layout, pins, state
+from app.state import DEFAULT_SPARSITY, DEFAULTS, AppContext, guarded, show_error
 
 
 def _controls(disabled: bool) -> None:
     method_now = st.session_state.get("method", DEFAULTS.method)
-    first, second, third, fourth, fifth = st.columns([2.2, 2.2, 1.2, 1.2, 1.2])
-    first.slider(
-        "Global sparsity",
-        0.0,
-        MAX_TARGET,
-        DEFAULT_SPARSITY,
-        0.01,
-        key="sparsity",
-        bind="query-params",
-        disabled=disabled,
-        help="Target fraction of projection inputs zeroed, as the parameter-weighted mean over all projections.",
-    )
-    second.slider(
-        "Allocation temperature",
-        0.0,
-        5.0,
-        float(DEFAULTS.temperature),
-        0.05,
-        key="temperature",
-        bind="query-params",
-        disabled=disabled or method_now != "acttail",
-        help="acttail method: 0 = uniform; larger = sparsity follows alpha more strongly "
-        "(T = 1: one standard deviation of alpha changes the kept fraction e-fold).",
-    )
-    second.slider(
-        "Linear spread eps",
-        0.0,
-        0.9,
-        float(DEFAULTS.eps),
-        0.05,
-        key="eps",
-        bind="query-params",
-        disabled=disabled or method_now != "linear",
-        help="linear method (AlphaPruning's map): sparsity ranges over (1 - eps) to (1 + eps) times the target.",
-    )
-    third.selectbox(
-        "Method",
-        METHODS,
-        index=METHODS.index(DEFAULTS.method),
-        key="method",
-        bind="query-params",
-        disabled=disabled,
-        help="uniform: every projection at the target. acttail: kept fraction log-linear in alpha (temperature). "
-        "linear: AlphaPruning's linear map (eps). greedy: measured output error instead of alpha "
-        "(one calibration pass on the demo text the first time, then cached).",
-    )
-    fourth.selectbox(
-        "Direction",
-        DIRECTIONS,
-        index=DIRECTIONS.index(DEFAULTS.direction),
-        key="direction",
-        bind="query-params",
-        disabled=disabled,
-        help="keep-heavy: lower alpha keeps more inputs (the HT-SR reading). keep-light: the reverse, "
-        "which measured better on the default model (see the README's study).",
-    )
-    fifth.selectbox(
-        "Grouping",
-        GROUPS,
-        index=GROUPS.index(DEFAULTS.group),
-        key="group",
-        bind="query-params",
-        disabled=disabled,
-        help="projection: compare alpha across all projections. type: within each projection type only. "
-        "layer: one score per layer (mean alpha), as AlphaPruning.",
-    )
+    with layout.control_row("allocation"):
+        st.slider(
+            "Global sparsity", 0.0, MAX_TARGET, DEFAULT_SPARSITY, 0.01, key="sparsity", bind="query-params",
+            disabled=disabled, width=260,
+            help="Target fraction of projection inputs zeroed, as the parameter-weighted mean over all projections.",
+        )
+        st.slider(
+            "Allocation temperature", 0.0, 5.0, float(DEFAULTS.temperature), 0.05, key="temperature",
+            bind="query-params", disabled=disabled or method_now != "acttail", width=220,
+            help="acttail method: 0 = uniform; larger = sparsity follows alpha more strongly "
+            "(T = 1: one standard deviation of alpha changes the kept fraction e-fold).",
+        )
+        st.slider(
+            "Linear spread eps", 0.0, 0.9, float(DEFAULTS.eps), 0.05, key="eps", bind="query-params",
+            disabled=disabled or method_now != "linear", width=180,
+            help="linear method (AlphaPruning's map): sparsity ranges over (1 - eps) to (1 + eps) times the target.",
+        )
+        st.selectbox(
+            "Method", METHODS, index=METHODS.index(DEFAULTS.method), key="method", bind="query-params",
+            disabled=disabled, width=130,
+            help="uniform: every projection at the target. acttail: kept fraction log-linear in alpha (temperature). "
+            "linear: AlphaPruning's linear map (eps). greedy: measured output error instead of alpha "
+            "(one calibration pass on the demo text the first time, then cached).",
+        )
+        st.selectbox(
+            "Direction", DIRECTIONS, index=DIRECTIONS.index(DEFAULTS.direction), key="direction",
+            bind="query-params", disabled=disabled, width=140,
+            help="keep-heavy: lower alpha keeps more inputs (the HT-SR reading). keep-light: the reverse, "
+            "which measured better on the default model (see the README's study).",
+        )
+        st.selectbox(
+            "Grouping", GROUPS, index=GROUPS.index(DEFAULTS.group), key="group", bind="query-params",
+            disabled=disabled, width=140,
+            help="projection: compare alpha across all projections. type: within each projection type only. "
+            "layer: one score per layer (mean alpha), as AlphaPruning.",
+        )
 
 
-def _uploaded_budget(ctx: AppContext) -> Budget | None:
+def _upload_box(ctx: AppContext) -> None:
+    """The budget file uploader. A new valid file becomes the budget in effect: its recorded settings are written
+    into the sliders and the model bar's rule (on the next run, before those widgets exist), so every view, the
+    URL and the share link show it."""
     uploaded = st.file_uploader(
         "Upload a budget JSON",
         type=["json"],
         key="budget_upload",
         max_upload_size=MAX_BUDGET_BYTES >> 20,  # refused in the browser, before any upload
         help="A budget written by this tool (this page or `python -m acttail_core allocate`) for this model. "
-        "While a valid file is loaded it replaces the sliders; remove it to go back.",
+        "While a valid file is loaded it replaces the sliders everywhere; remove it to go back.",
     )
     allow_other = st.checkbox(
         "Allow a budget made for other weights",
@@ -148,105 +77,155 @@ def _uploaded_budget(ctx: AppContext) -> Budget | None:
         help="A budget records the fingerprint of the weights it was made for. One made for other weights of the "
         "same architecture (e.g. a fine-tune) is refused unless this is ticked: its alphas were measured elsewhere.",
     )
+    active = st.session_state.get("active_upload")
     if uploaded is None:
-        return None
+        if active is not None:  # the file was removed: back to the sliders
+            st.session_state.pop("active_upload")
+            st.rerun()
+        return
+    identity = (uploaded.file_id, allow_other, ctx.loaded.fingerprint)
+    if active is not None and active.get("identity") == identity:
+        return
     try:
         budget = load_budget(uploaded.getvalue(), projections=ctx.projections, fingerprint=ctx.loaded.fingerprint,
                              allow_other_weights=allow_other)
     except ActTailError as error:
         show_error(error, f"Rejected {uploaded.name}")
-        st.caption("Nothing changed: the budget shown still follows the sliders.")
-        return None
-    st.success(f"Using the uploaded budget **{uploaded.name}**: {describe(budget)} at target {budget.target_sparsity:g}.")
+        st.caption("Nothing changed: the budget shown still follows the sliders."
+                   if active is None else f"Nothing changed: still using {active['name']}.")
+        return
+    target, settings = settings_of(budget)
+    pending = {"sparsity": target, "method": settings.method, "temperature": settings.temperature,
+               "eps": settings.eps, "direction": settings.direction, "group": settings.group}
+    if budget.xmin_rule:
+        pending["rule"] = budget.xmin_rule
+    st.session_state["active_upload"] = {"name": uploaded.name, "budget": budget, "model": ctx.loaded.fingerprint,
+                                         "identity": identity}
+    state.set_pending(pending)
+    st.rerun()
+
+
+def _upload_notes(ctx: AppContext, upload: dict) -> None:
+    budget: Budget = upload["budget"]
+    st.success(f"Using the uploaded budget **{upload['name']}** ({describe(budget)} at target "
+               f"{budget.target_sparsity:g}) on every tab; the sliders show its settings. Remove the file to go back.",
+               icon=":material/upload_file:")
     if budget.model_fingerprint != ctx.loaded.fingerprint:
         st.warning(
             f"It was made for weights {budget.model_fingerprint}, not the loaded {ctx.loaded.fingerprint} "
             "(same architecture): its alphas were measured on the other weights."
         )
-    return budget
+
+
+def _link_note(ctx: AppContext, upload: dict) -> str:
+    """Whether the share link (the file's recorded settings) rebuilds the uploaded budget exactly."""
+    budget: Budget = upload["budget"]
+    target, settings = settings_of(budget)
+    if settings.method == "greedy":
+        return "The link asks for greedy at the same target; greedy is measured again, not read from the file."
+    spectra = state.get_spectra(ctx.loaded, budget.xmin_rule) if budget.xmin_rule else ctx.spectra
+    rebuilt = state.budget_for(ctx, target, settings, spectra=spectra)
+    gap = max(abs(d) for d in sparsity_difference(budget, rebuilt).values())
+    if gap < 1e-9:
+        return "The link rebuilds exactly this budget from the settings recorded in the file."
+    return (f"The link carries the settings recorded in the file, but they do not rebuild it (sparsities differ by up "
+            f"to {gap:.3f}: edited, or made for other weights): share the file itself.")
 
 
 @st.fragment
 @guarded
-def allocation_fragment(ctx: AppContext, uploaded: Budget | None) -> None:
-    """Sliders -> engine -> charts. ``uploaded`` (validated outside, since an upload is rare) overrides the sliders."""
+def allocation_fragment(ctx: AppContext, active: bool) -> None:
+    """Sliders -> engine -> charts. An uploaded file (validated outside, since an upload is rare) overrides them."""
     started = time.perf_counter()
-    _controls(disabled=uploaded is not None)
-    if uploaded is not None:
-        budget = uploaded
-        target = budget.target_sparsity
-    else:
-        target, settings = settings_from_state()
-        try:
-            if settings.method == "greedy":
-                check_target(target, settings)
-                budget = greedy_budget(ctx.loaded, target, alphas=ctx.spectra.alphas())
-            else:
-                budget = allocate(ctx.spectra, target, settings)
-        except ActTailError as error:
-            show_error(error, "Allocation")
-            return
-    uniform = uniform_budget(ctx.projections, target, ctx.loaded.name, ctx.loaded.fingerprint, ctx.spectra.alphas())
-    st.session_state["current_budget"] = budget
-    st.session_state["current_budget_label"] = describe(budget)
-
+    upload = state.active_upload(ctx)
+    _controls(disabled=upload is not None)
+    if not active:
+        return
+    try:
+        current = state.active_budget(ctx, state.StreamlitProgress(st, "greedy error curves"))
+    except ActTailError as error:
+        show_error(error, "Allocation")
+        return
+    budget = current.budget
+    target = budget.target_sparsity
+    uniform = state.uniform_for(ctx, target)
     sparsities = [entry.sparsity for entry in budget.projections]
-    metrics = st.columns([1, 1.5, 1.1, 1])
-    metrics[0].metric("Target sparsity", f"{target:.4f}")
-    metrics[1].metric(
-        "Effective sparsity (param-weighted)",
-        f"{budget.effective_sparsity:.4f}",
-        help="sum(params x sparsity) / sum(params) over all projections: the share of weight reads a sparse kernel "
-        "skips. The engine makes it equal the target.",
-    )
-    metrics[2].metric("Per-projection range", f"{min(sparsities):.3f} - {max(sparsities):.3f}")
-    metrics[3].metric("Method", budget.method, help=f"This budget: {describe(budget)}")
-    left, right = st.columns(2)
-    heatmap_height = max(420, 16 * len({e.layer for e in budget.projections}) + 140)
-    with left:
-        st.plotly_chart(
-            charts.sparsity_heatmap(budget, f"Budget: {describe(budget)}", heatmap_height),
+    with layout.control_row("allocation-metrics"):
+        st.metric("Target sparsity", f"{target:.4f}", width=140)
+        st.metric("Effective sparsity (param-weighted)", f"{budget.effective_sparsity:.4f}", width=240,
+                  help="sum(params x sparsity) / sum(params) over all projections: the share of weight reads a "
+                  "sparse kernel skips. The engine makes it equal the target.")
+        st.metric("Per-projection range", f"{min(sparsities):.3f} - {max(sparsities):.3f}", width=210)
+        st.metric("Method", budget.method, help=f"This budget: {current.label}", width=120)
+    height = charts.heatmap_height(len({e.layer for e in budget.projections}))
+    with layout.chart_row("allocation-maps"):
+        layout.show_chart(
+            # Titles without the target: a slider move then changes only the charts' data (see charts.to_spec).
+            charts.sparsity_heatmap(budget, "Sparsity per projection", height, subtitle=current.label),
             key="budget_heatmap",
-            config=charts.plotly_config("acttail-budget-heatmap"),
         )
-    with right:
-        st.plotly_chart(
-            charts.sparsity_heatmap(uniform, f"Uniform at {target:.2f}", heatmap_height),
-            key="uniform_heatmap",
-            config=charts.plotly_config("acttail-uniform-heatmap"),
+        layout.show_chart(
+            charts.difference_heatmap(budget, uniform, "Budget minus uniform", height,
+                                      subtitle="at the same target; red: sparser than uniform, blue: keeps more"),
+            key="difference_heatmap",
         )
-    st.plotly_chart(
-        charts.mean_sparsity_by_type({describe(budget): budget, "uniform": uniform}),
-        key="sparsity_by_type",
-        config=charts.plotly_config("acttail-sparsity-by-type"),
-    )
-    download_col, link_col = st.columns([1, 2.2], vertical_alignment="center")
-    download_col.download_button(
-        "Download budget JSON",
-        # Deferred: the JSON is built only when clicked, not on every slider move.
-        lambda chosen=budget: chosen.to_json(),
-        file_name=f"acttail-budget-{budget.method}-{target:.2f}.json",
-        mime="application/json",
-        on_click="ignore",
-        key="download_budget",
-        help="The budget in the engine's versioned schema; `python -m acttail_core eval --budget FILE` reads it.",
-        icon=":material/download:",
-    )
-    link_col.code(share_link(), language=None, wrap_lines=True)
+    frame = budget.to_frame()
+    with layout.chart_row("allocation-lines"):
+        layout.show_chart(charts.lines_by_layer(frame, "sparsity", "Sparsity per layer", "sparsity",
+                                              "one line per projection type"),
+                        key="sparsity_by_layer")
+        if budget.method == "greedy":
+            st.info("greedy does not use alpha: it allocates from measured output error, so there is no "
+                    "alpha -> sparsity map to draw.")
+        else:
+            _, settings = settings_of(budget)
+            spectra = state.get_spectra(ctx.loaded, budget.xmin_rule) if budget.xmin_rule else ctx.spectra
+            curves = allocation_curves(spectra.alphas(), ctx.projections, target, settings)
+            layout.show_chart(
+                charts.alpha_vs_sparsity(curves, ctx.projections, "alpha against sparsity",
+                                         "the curve is the map at this temperature and direction; points are "
+                                         "projections"),
+                key="alpha_vs_sparsity")
+    with layout.chart_row("allocation-types"):
+        layout.show_chart(charts.sparsity_by_type({current.label: budget, "uniform": uniform}, target),
+                        key="sparsity_by_type")
+        layout.show_chart(charts.lines_by_layer(charts.spectra_frame(ctx.spectra), "alpha", "alpha per layer", "alpha",
+                                              "one line per projection type"),
+                        key="alpha_by_layer_allocation")
+    with layout.control_row("allocation-actions"):
+        st.download_button(
+            "Download budget JSON",
+            # Deferred: the JSON is built only when clicked, not on every slider move.
+            lambda chosen=budget: chosen.to_json(),
+            file_name=f"acttail-budget-{budget.method}-{target:.2f}.json",
+            mime="application/json", on_click="ignore", key="download_budget", icon=":material/download:",
+            help="The budget in the engine's versioned schema; `python -m acttail_core eval --budget FILE` reads it.",
+        )
+        if st.button("Pin for comparison", key="pin_budget", icon=":material/push_pin:",
+                     help="Keep this budget in the Compare tab, next to others (settings, files, greedy)."):
+            pin = pins.add(ctx, budget, upload["name"] if upload else None)
+            st.toast(f"Pinned {pin.label}" if pin else "Already pinned", icon=":material/push_pin:")
+    st.code(state.share_link("Allocation"), language=None, wrap_lines=True)
     elapsed_ms = (time.perf_counter() - started) * 1000
     st.session_state["allocation_render_ms"] = elapsed_ms
-    st.caption(f"Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
+    note = _link_note(ctx, upload) + " " if upload else ""
+    st.caption(f"{note}Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
 
 
-def render(ctx: AppContext) -> None:
-    st.subheader("Allocation: from alpha to a sparsity budget")
-    st.caption(
-        "Each projection gets its own sparsity; their parameter-weighted mean is exactly the target. "
-        "The left heatmap is the budget from the settings, the right one uniform at the same target (same colour scale)."
-    )
+def render(ctx: AppContext, active: bool = True) -> None:
+    if active:
+        st.subheader("Allocation: from alpha to a sparsity budget")
+        st.caption(
+            "Each projection gets its own sparsity; their parameter-weighted mean is exactly the target. The first "
+            "map is the budget (its colours span its own range), the second its difference from uniform at the "
+            "same target. Then per-layer profiles, and the alpha -> sparsity map the settings define."
+        )
     live = st.container()
     # Outside the fragment: an upload is rare and reruns the page; slider moves then skip the uploader.
     with st.container(border=True):
-        uploaded = _uploaded_budget(ctx)
+        _upload_box(ctx)
+        upload = state.active_upload(ctx)
+        if upload is not None and active:
+            _upload_notes(ctx, upload)
     with live:
-        allocation_fragment(ctx, uploaded)
+        allocation_fragment(ctx, active)

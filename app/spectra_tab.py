@@ -5,28 +5,52 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from app import charts
+from acttail_core.spectra import ProjectionSpectrum
+from app import charts, layout
 from app.state import AppContext, guarded
 
 
 def _selected_cell(event: Any) -> Optional[tuple[int, str]]:
-    """(layer, type) of the heatmap cell the user clicked, if any (from the chart's selection state)."""
+    """(layer, type) of the heatmap cell the user clicked, if any (the chart's ``cell`` selection)."""
     if event is None:
         return None
     selection = event.get("selection") if isinstance(event, dict) else getattr(event, "selection", None)
-    points = (selection.get("points") if isinstance(selection, dict) else getattr(selection, "points", None)) or []
+    points = (selection.get("cell") if isinstance(selection, dict) else getattr(selection, "cell", None)) or []
     if not points:
         return None
     point = points[0]
     try:
-        return int(point["y"]), str(point["x"])
+        return int(point["layer"]), str(point["type"])
     except (KeyError, TypeError, ValueError):
         return None
 
 
+def _pickers(layers: list[int], types: list[str]) -> tuple[int, str]:
+    """The ESD's layer and type, bound to the URL (``esd_layer``, ``esd_type``)."""
+    with layout.control_row("esd"):
+        layer = st.selectbox("Layer", layers, key="esd_layer", bind="query-params", width=110,
+                             help="Or click a cell of the heatmap.")
+        proj_type = st.selectbox("Projection type", types, key="esd_type", bind="query-params", width=150,
+                                 help="Or click a cell of the heatmap.")
+    return layer, proj_type
+
+
+def _pick_expert(members: list[ProjectionSpectrum]) -> Optional[ProjectionSpectrum]:
+    """The cell's projection; in a cell of experts (the heatmap shows their mean), the one picked, bound to the URL
+    (``esd_expert``: its label, "expert 3", so a link names the same expert)."""
+    if len(members) <= 1:
+        return members[0] if members else None
+    labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
+    if st.session_state.get("esd_expert") not in labels:
+        st.session_state["esd_expert"] = labels[0]
+    picked = st.selectbox("Expert", labels, key="esd_expert", bind="query-params", width=150,
+                          help=f"{len(members)} experts in this cell; the heatmap shows their mean alpha.")
+    return members[labels.index(picked)]
+
+
 @st.fragment
 @guarded
-def _heatmap_and_esd(ctx: AppContext) -> None:
+def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
     """A fragment: clicking a cell or changing the pickers reruns only this part."""
     spectra = ctx.spectra
     by_cell: dict[tuple[int, str], list] = {}  # a mixture of experts has one entry per expert in a cell
@@ -45,63 +69,58 @@ def _heatmap_and_esd(ctx: AppContext) -> None:
         st.session_state["esd_layer"] = layers[0]
     if st.session_state.get("esd_type") not in types:
         st.session_state["esd_type"] = types[0]
+    if not active:  # keep the pickers (and so the URL's choice) alive; draw nothing costly
+        _pick_expert(by_cell.get(_pickers(layers, types), []))
+        return
     highlight = (st.session_state["esd_layer"], st.session_state["esd_type"])
-
-    left, right = st.columns([1.05, 1])
-    with left:
-        st.plotly_chart(
+    with layout.chart_row("spectra"):
+        layout.show_chart(
             charts.alpha_heatmap(spectra, highlight),
             key="alpha_heatmap",
             on_select="rerun",
-            selection_mode="points",
-            config=charts.plotly_config("acttail-alpha-heatmap"),
+            selection_mode="cell",
         )
-    with right:
-        pick_layer, pick_type = st.columns(2)
-        layer = pick_layer.selectbox("Layer", layers, key="esd_layer", help="Or click a cell of the heatmap.")
-        proj_type = pick_type.selectbox("Projection type", types, key="esd_type", help="Or click a cell of the heatmap.")
-        members = by_cell.get((layer, proj_type), [])
-        entry = members[0] if members else None
-        if len(members) > 1:  # the heatmap shows the experts' mean; pick one expert's ESD
-            labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
-            if st.session_state.get("esd_expert") not in range(len(members)):
-                st.session_state["esd_expert"] = 0
-            picked = st.selectbox(f"Expert ({len(members)} in this cell; the heatmap shows their mean alpha)",
-                                  range(len(members)), format_func=labels.__getitem__, key="esd_expert")
-            entry = members[picked]
-        if entry is None:
-            st.info(f"Layer {layer} has no {proj_type} projection.")
-        else:
-            st.plotly_chart(charts.esd_figure(entry), key="esd_plot", config=charts.plotly_config(f"acttail-esd-{entry.name}"))
-            st.caption(
-                f"alpha = **{entry.alpha:.3f}**, xmin = {entry.xmin:.4g}, KS distance D = {entry.ks_distance:.4f}, "
-                f"lambda_max = {entry.lambda_max:.4g}. The red line is the fitted tail p(lambda) ~ lambda^-alpha "
-                "above xmin (green), scaled to the tail's share of eigenvalues."
-            )
+        with st.container():
+            layer, proj_type = _pickers(layers, types)
+            entry = _pick_expert(by_cell.get((layer, proj_type), []))
+            if entry is None:
+                st.info(f"Layer {layer} has no {proj_type} projection.")
+            else:
+                layout.show_chart(charts.esd_figure(entry), key="esd_plot")
+                st.caption(
+                    f"alpha = **{entry.alpha:.3f}**, xmin = {entry.xmin:.4g}, KS distance D = "
+                    f"{entry.ks_distance:.4f}, lambda_max = {entry.lambda_max:.4g}. The red line is the fitted tail "
+                    "p(lambda) ~ lambda^-alpha above xmin (green), scaled to the tail's share of eigenvalues."
+                )
 
 
-def render(ctx: AppContext) -> None:
+def render(ctx: AppContext, active: bool = True) -> None:
     spectra = ctx.spectra
-    st.subheader("Spectra: how heavy-tailed is each weight matrix?")
-    st.caption(
-        "For each projection W, the eigenvalues of W^T W (its empirical spectral density, ESD) have a power-law "
-        "tail p(lambda) ~ lambda^-alpha. Lower alpha = heavier tail (HT-SR reads it as better trained). "
-        f"The xmin rule (**{spectra.rule}**, sidebar) decides where the tail starts. Click a cell to see its ESD."
-    )
-    _heatmap_and_esd(ctx)
-
-    summary_col, table_col = st.columns([1, 1])
-    with summary_col:
-        st.plotly_chart(charts.alpha_by_type(spectra), key="alpha_by_type", config=charts.plotly_config("acttail-alpha-by-type"))
-    with table_col:
-        st.markdown("**alpha per projection type**")
-        st.dataframe(spectra.type_summary().round(3), width="stretch")
-    frame = spectra.to_frame()
-    with st.expander(f"All {len(frame)} projections (table)"):
-        st.dataframe(frame, hide_index=True, width="stretch", height=320)
+    if active:
+        st.subheader("Spectra: how heavy-tailed is each weight matrix?")
+        st.caption(
+            "For each projection W, the eigenvalues of W^T W (its empirical spectral density, ESD) have a power-law "
+            "tail p(lambda) ~ lambda^-alpha. Lower alpha = heavier tail (HT-SR reads it as better trained). "
+            f"The xmin rule (**{spectra.rule}**, top of the page) decides where the tail starts. Click a cell to see "
+            "its ESD."
+        )
+    _heatmap_and_esd(ctx, active)
+    if not active:
+        return
+    with layout.chart_row("spectra-summary"):
+        layout.show_chart(charts.alpha_by_type(spectra), key="alpha_by_type")
+        layout.show_chart(charts.lines_by_layer(charts.spectra_frame(spectra), "alpha", "alpha per layer", "alpha",
+                                                "one line per projection type"), key="alpha_by_layer")
+    count = len(spectra.entries)
+    # A toggle, not an expander: an expander's table is drawn (and its grid loaded) even while folded.
+    if st.toggle(f"Show the table of all {count} projections and alpha per type", key="spectra_table",
+                 bind="query-params"):
+        st.dataframe(spectra.type_summary().round(3), width="content")
+        st.dataframe(spectra.to_frame(), hide_index=True, width="stretch", height=320)
     st.download_button(
         "Download the spectra table (CSV)",
-        frame.to_csv(index=False).encode(),
+        # Deferred: the table is built only when clicked.
+        lambda: spectra.to_frame().to_csv(index=False).encode(),
         file_name=f"acttail-spectra-{ctx.loaded.fingerprint}-{spectra.rule}.csv",
         mime="text/csv",
         on_click="ignore",

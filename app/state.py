@@ -1,8 +1,9 @@
 """Session and cache plumbing for the dashboard.
 
 Nothing here computes an ActTail result: it decides *when* to call the engine
-(once per model / rule, shared by every browser session) and shows progress
-and errors while it does.
+(once per model / rule, shared by every browser session), which budget is in
+effect (the sliders' or an uploaded file's), and shows progress and errors
+while the engine works.
 
 Why not ``@st.cache_resource`` on the loaders themselves: Streamlit records the
 elements a cached function draws and replays them on a cache hit, and a
@@ -13,16 +14,20 @@ cached function.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-import functools
 from typing import Any, Callable, Hashable, Optional, TypeVar
+from urllib.parse import urlencode
 
 import streamlit as st
 import torch
 
+from acttail_core.allocation import AllocationSettings, allocate, check_target, uniform_budget
+from acttail_core.budget import Budget, describe
 from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoadError, SpectraError
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
@@ -36,6 +41,18 @@ log = logging.getLogger("acttail.app")
 MODEL_CHOICES = ("default", "gemma3-270m", "local directory", "gguf file", "hub id")
 MODEL_CHOICES_WITH_PATH = ("local directory", "gguf file", "hub id")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_SPARSITY = 0.5
+DEFAULTS = AllocationSettings()
+# Every widget bound to a URL query parameter (the key is the parameter's name), in the order a shared link
+# spells them out. A text file's path for the Evaluate corpus is left out on purpose: a link must not make
+# this server read a file of the link author's choosing and describe it.
+URL_KEYS = (
+    "model", "path", "dtype", "device", "rule",
+    "sparsity", "temperature", "eps", "method", "direction", "group",
+    "esd_layer", "esd_type", "esd_expert", "spectra_table", "cmp_type", "act_layer", "act_type", "act_expert",
+    "eval_corpus", "eval_tokens", "eval_mode", "eval_greedy", "sweep_methods", "sweep_grid",
+    "tp_prompt", "tp_new", "tp_repeats",
+)
 
 
 def gpu_available() -> bool:
@@ -49,7 +66,7 @@ def device_choices() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """What the sidebar asks for: the arguments of ``load_model``."""
+    """What the model bar asks for: the arguments of ``load_model``."""
 
     ref: str
     dtype: str = "auto"
@@ -64,6 +81,15 @@ class AppContext:
     loaded: LoadedModel
     spectra: Spectra
     projections: list[Projection]
+
+
+@dataclass(frozen=True)
+class ActiveBudget:
+    """The budget in effect everywhere (Allocation, Compare, Activations, Evaluate) and where it came from."""
+
+    budget: Budget
+    label: str  # describe(budget), or the uploaded file's name
+    uploaded: bool
 
 
 # --------------------------------------------------------------------------- process-wide stores
@@ -114,6 +140,29 @@ def _spectra_store() -> _Store:
     return _Store(capacity=12)
 
 
+@st.cache_resource(show_spinner=False)
+def _budget_store() -> _Store:
+    return _Store(capacity=64)
+
+
+@st.cache_resource(show_spinner=False)
+def activation_store() -> _Store:
+    """Captured projection inputs (a few MB each), keyed by model, projection and token count."""
+    return _Store(capacity=16)
+
+
+@st.cache_resource(show_spinner=False)
+def results_cache() -> dict:
+    """Perplexity results by (weights, text, mode, budget): ``evaluate_budgets`` returns repeats from here."""
+    return {}
+
+
+@st.cache_resource(show_spinner=False)
+def speed_log() -> dict:
+    """Past perplexity rows per (model, device, dtype, mode): what time estimates are based on."""
+    return {}
+
+
 def cached_model(request: ModelRequest) -> Optional[LoadedModel]:
     return _model_store().peek(request)
 
@@ -140,21 +189,33 @@ def get_spectra(loaded: LoadedModel, rule: str, progress: Optional[ProgressFn] =
 
 
 class StreamlitProgress:
-    """A ``ProgressFn`` that drives one ``st.progress`` bar."""
+    """A ``ProgressFn`` that drives one ``st.progress`` bar, with the time spent and, once known, the time left.
+
+    The bar is drawn at the first report, so one passed to work that turns out to be cached draws nothing.
+    """
 
     def __init__(self, container: Any, text: str) -> None:
-        self._bar = container.progress(0.0, text=text)
+        self._container = container
+        self._bar: Any = None
+        self._text = text
+        self._started = time.monotonic()
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self._bar is None:
+            self._bar = self._container.progress(0.0, text=self._text)
         fraction = 1.0 if total <= 0 else min(1.0, max(0.0, done / total))
-        self._bar.progress(fraction, text=message or None)
+        elapsed = time.monotonic() - self._started
+        timing = f"{elapsed:.0f} s"
+        if 0 < fraction < 1:  # the engine reports equal steps, so the rate so far predicts the rest
+            timing += f", about {elapsed * (1 - fraction) / fraction:.0f} s left"
+        self._bar.progress(fraction, text=f"{message or self._text} · {done}/{total} · {timing}")
 
 
 ERROR_HINTS: dict[type, str] = {
-    ModelLoadError: "Pick **default** in the sidebar to return to the embedded model; local directories need "
+    ModelLoadError: "Pick **default** in the model bar to return to the embedded model; local directories need "
     "config.json and safetensors weights, hub ids need network access or a local Hugging Face cache.",
     SpectraError: "Clear the spectra cache (`$ACTTAIL_CACHE/spectra`) and reload the page.",
-    BudgetError: "Upload a budget JSON written by this tool for the model shown in the sidebar "
+    BudgetError: "Upload a budget JSON written by this tool for the model shown at the top "
     "(Allocation -> Download budget JSON, or `python -m acttail_core allocate`); one made for other weights of the "
     "same architecture needs **Allow a budget made for other weights**.",
     CorpusError: "Pick the **demo** corpus (shipped with the tool) or a UTF-8 text file with enough text.",
@@ -165,7 +226,7 @@ def hint_for(error: BaseException) -> str:
     for kind, hint in ERROR_HINTS.items():
         if isinstance(error, kind):
             return hint
-    return "Check the settings in the sidebar; the server log has details."
+    return "Check the settings at the top of the page; the server log has details."
 
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -187,54 +248,76 @@ def guarded(render: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def show_error(error: BaseException, what: str = "") -> None:
+def error_text(error: BaseException, what: str = "") -> str:
     """One readable line and a hint, never a traceback."""
     prefix = f"{what}: " if what else ""
     if isinstance(error, ActTailError):
-        st.error(f"{prefix}{error}\n\n**Hint:** {hint_for(error)}", icon=":material/error:")
-    else:  # a bug: log the traceback for the developer, show the user one line
-        log.exception("unexpected error in the dashboard")
-        st.error(
-            f"{prefix}unexpected {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            "\n\n**Hint:** this is a bug in ActTail Explorer; the server log has the traceback.",
-            icon=":material/bug_report:",
-        )
+        return f"{prefix}{error}\n\n**Hint:** {hint_for(error)}"
+    # a bug: log the traceback for the developer, show the user one line
+    log.exception("unexpected error in the dashboard", exc_info=error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"{prefix}unexpected {type(error).__name__}: {first}"
+            "\n\n**Hint:** this is a bug in ActTail Explorer; the server log has the traceback.")
+
+
+def show_error(error: BaseException, what: str = "", container: Any = None) -> None:
+    icon = ":material/error:" if isinstance(error, ActTailError) else ":material/bug_report:"
+    (container or st).error(error_text(error, what), icon=icon)
 
 
 # --------------------------------------------------------------------------- loading with visible progress
 
 
-def load_context(request: ModelRequest, rule: str) -> Optional[AppContext]:
-    """Load the model and its spectra, showing progress only when there is real work to do.
+def load_context(request: ModelRequest, rule: str, notices: Any) -> tuple[Optional[AppContext], Optional[str]]:
+    """Load the model and its spectra, showing progress in ``notices`` only while there is real work to do.
 
-    Returns None (after showing an error) when the model cannot be loaded.
+    Returns ``(context, None)``, or ``(None, message)`` when the model cannot be loaded: the caller shows the
+    message at the top of the page (with its hint) and may fall back to the last model that loaded.
     """
     loaded = cached_model(request)
     spectra = cached_spectra(loaded, rule) if loaded is not None else None
     if loaded is None or spectra is None:
         from_link = path_from_link()
         label = "the model from the link" if from_link else request.ref
-        with st.status(f"Preparing **{label}** ({rule} rule)...", expanded=True) as status:
+        slot = notices.empty()
+        with slot.container():
+            st.caption(f"Preparing **{label}** ({rule} rule)...")
             try:
                 if loaded is None:
                     loaded = get_model(request, StreamlitProgress(st, f"loading {label}"))
                 spectra = get_spectra(loaded, rule, StreamlitProgress(st, "spectra of every projection"))
-            except Exception as error:  # shown once, in the status box and as an error below it
-                status.update(label=f"Could not prepare {label}", state="error", expanded=False)
+            except Exception as error:
                 if from_link:  # whoever made the link learns nothing about this machine's files
                     log.warning("could not load the path from a link: %s", error)
                     error = ModelLoadError(
                         "could not load the model named in the link: not found, or not a model this tool reads "
-                        "(type the path in the sidebar to see why)"
+                        "(type the path in the model bar to see why)"
                     )
-                show_error(error, "Model")
-                return None
-            status.update(label=f"{label}: model and spectra ready", state="complete", expanded=False)
+                slot.empty()
+                return None, error_text(error, "Model")
+        slot.empty()  # ready: the progress bars give their place back to the charts
+    return AppContext(request=request, loaded=loaded, spectra=spectra, projections=spectra.projections()), None
+
+
+def last_good_context(rule: str) -> Optional[AppContext]:
+    """The last model this session loaded, if it is still in memory (the fallback after a failed load)."""
+    request = st.session_state.get("last_good_request")
+    loaded = cached_model(request) if request is not None else None
+    if loaded is None:
+        return None
+    spectra = cached_spectra(loaded, rule) or cached_spectra(loaded, st.session_state.get("last_good_rule", rule))
+    if spectra is None:
+        return None
     return AppContext(request=request, loaded=loaded, spectra=spectra, projections=spectra.projections())
 
 
+def remember_good(ctx: AppContext) -> None:
+    st.session_state["last_good_request"] = ctx.request
+    st.session_state["last_good_rule"] = ctx.spectra.rule
+
+
 def mark_path_typed() -> None:
-    """``on_change`` of the sidebar's path box: a path typed here may be echoed in errors, one from a link not."""
+    """``on_change`` of the path box: a path typed here may be echoed in errors, one from a link not."""
     st.session_state["path_typed"] = True
 
 
@@ -244,7 +327,7 @@ def path_from_link() -> bool:
 
 
 def model_request_from_state() -> Optional[ModelRequest]:
-    """The ``ModelRequest`` the sidebar widgets describe, or None while a path is still empty."""
+    """The ``ModelRequest`` the model bar describes, or None while a path is still empty."""
     choice = st.session_state.get("model", "default")
     if choice in MODEL_CHOICES_WITH_PATH:
         ref = (st.session_state.get("path") or "").strip()
@@ -252,7 +335,99 @@ def model_request_from_state() -> Optional[ModelRequest]:
             return None
     else:
         ref = choice
-    return ModelRequest(ref=ref, dtype=st.session_state.get("dtype", "auto"), device=st.session_state.get("device", device_choices()[0]))
+    return ModelRequest(ref=ref, dtype=st.session_state.get("dtype", "auto"),
+                        device=st.session_state.get("device", device_choices()[0]))
+
+
+# --------------------------------------------------------------------------- the budget in effect
+
+
+def set_pending(values: dict) -> None:
+    """Widget values to set at the start of the next run (a widget's value cannot change once it is drawn)."""
+    st.session_state["_pending_settings"] = values
+
+
+def apply_pending() -> None:
+    """Write the values ``set_pending`` asked for into their widgets' keys, before any widget of this run exists."""
+    for key, value in st.session_state.pop("_pending_settings", {}).items():
+        st.session_state[key] = value
+
+
+def settings_from_state() -> tuple[float, AllocationSettings]:
+    """The target sparsity and AllocationSettings the widgets describe (widget keys are the URL's parameter names)."""
+    state = st.session_state
+    settings = AllocationSettings(
+        method=state.get("method", DEFAULTS.method),
+        temperature=float(state.get("temperature", DEFAULTS.temperature)),
+        eps=float(state.get("eps", DEFAULTS.eps)),
+        direction=state.get("direction", DEFAULTS.direction),
+        group=state.get("group", DEFAULTS.group),
+    )
+    return float(state.get("sparsity", DEFAULT_SPARSITY)), settings
+
+
+def budget_for(ctx: AppContext, target: float, settings: AllocationSettings, progress: Optional[ProgressFn] = None,
+               spectra: Optional[Spectra] = None) -> Budget:
+    """The engine's budget for these settings (memoised per model, rule, target and settings)."""
+    spectra = spectra or ctx.spectra
+    key = (ctx.loaded.fingerprint, spectra.rule, round(target, 9), settings)
+
+    def make() -> Budget:
+        if settings.method == "greedy":
+            from acttail_core.greedy import greedy_budget  # optional: measures error curves the first time
+
+            check_target(target, settings)
+            return greedy_budget(ctx.loaded, target, alphas=spectra.alphas(), progress=progress)
+        return allocate(spectra, target, settings)
+
+    return _budget_store().get_or_create(key, make)
+
+
+def uniform_for(ctx: AppContext, target: float) -> Budget:
+    return _budget_store().get_or_create(
+        (ctx.loaded.fingerprint, "uniform", round(target, 9)),
+        lambda: uniform_budget(ctx.projections, target, ctx.loaded.name, ctx.loaded.fingerprint, ctx.spectra.alphas()),
+    )
+
+
+def active_upload(ctx: AppContext) -> Optional[dict]:
+    """The uploaded budget in effect for this model, if any (``{"name", "budget"}``)."""
+    upload = st.session_state.get("active_upload")
+    if upload and upload.get("model") == ctx.loaded.fingerprint:
+        return upload
+    return None
+
+
+def active_budget(ctx: AppContext, progress: Optional[ProgressFn] = None) -> ActiveBudget:
+    """The budget every tab uses: an uploaded file while one is loaded, else the sliders' settings."""
+    upload = active_upload(ctx)
+    if upload is not None:
+        current = ActiveBudget(upload["budget"], upload["name"], uploaded=True)
+    else:
+        target, settings = settings_from_state()
+        budget = budget_for(ctx, target, settings, progress)
+        current = ActiveBudget(budget, describe(budget), uploaded=False)
+    # For whoever inspects the session (the tests; a notebook driving the app): what the page shows.
+    st.session_state.update(current_budget=current.budget, current_label=current.label,
+                            current_target=current.budget.target_sparsity)
+    return current
+
+
+def share_link(tab: str) -> str:
+    """A URL with every view setting spelled out (the live URL omits settings left at their defaults)."""
+    state = st.session_state
+    params: dict[str, Any] = {}
+    for key in URL_KEYS:
+        value = state.get(key)
+        if value in (None, "", []):
+            continue
+        params[key] = list(value) if isinstance(value, (list, tuple)) else value  # repeated, as Streamlit binds them
+    params["tab"] = tab
+    pins = st.query_params.get("pins")
+    if pins:
+        params["pins"] = pins
+    base = st.context.url or "http://localhost:8501/"
+    return f"{base}?{urlencode(params, doseq=True)}"
 
 
 def history() -> list[dict]:
@@ -265,10 +440,12 @@ def projection_table(projections: list[Projection]):
     import pandas as pd
 
     frame = pd.DataFrame(
-        [{"type": p.type, "shape (out x in)": f"{p.out_features} x {p.in_features}", "params": p.params} for p in projections]
+        [{"type": p.type, "shape (out x in)": f"{p.out_features} x {p.in_features}", "params": p.params}
+         for p in projections]
     )
     return (
         frame.groupby(["type", "shape (out x in)"], sort=False)
         .agg(count=("params", "size"), params_each=("params", "first"), params_total=("params", "sum"))
         .reset_index()
     )
+

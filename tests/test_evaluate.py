@@ -144,3 +144,60 @@ def test_throughput_decodes_on_the_fused_step_where_it_can(tiny_loaded, monkeypa
     assert "only the weight rows of kept inputs" in evaluate.throughput_note(results)
     for name, param in tiny_loaded.model.named_parameters():  # the input-major weights were restored
         assert param.is_contiguous() and torch.equal(param, before[name])
+
+
+def test_one_progress_bar_over_every_chunk_of_every_run_and_a_cache(tiny_loaded, tmp_path, monkeypatch):
+    from tests.test_sparsify import acttail_like
+
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text(TEXT)
+    budget = acttail_like(tiny_loaded, 0.5)
+    seen = []
+    cache: dict = {}
+    results = compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192,
+                      progress=lambda done, total, message: seen.append((done, total)), cache=cache)
+    assert {total for _, total in seen} == {9}  # 3 runs x 3 chunks, one bar
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1] == (9, 9)
+    assert len({done for done, _ in seen}) == 10  # it advanced after every chunk
+    assert not any(r.cached for r in results) and len(cache) == 3
+
+    calls = []
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: calls.append(a))
+    again = evaluate.evaluate_budgets(tiny_loaded, [("mine", budget), ("dense", None)], corpus=str(corpus), seqlen=64,
+                                      max_tokens=192, cache=cache)
+    assert calls == [] and all(r.cached for r in again)  # nothing measured twice
+    assert again[0].method == "mine" and again[0].ppl == results[2].ppl and again[1].ppl == results[0].ppl
+    assert "cached" not in again[0].as_dict()
+
+
+def test_estimate_seconds_from_earlier_runs():
+    past = [{"seconds": 2.0, "tokens": 100}, {"seconds": 4.0, "tokens": 100, "cached": True},
+            {"seconds": 3.0, "tokens": 100}]
+    assert evaluate.estimate_seconds(past, tokens=200, runs=3) == pytest.approx(0.025 * 200 * 3)  # cached runs cost 0
+    assert evaluate.estimate_seconds([], tokens=200, runs=3) is None
+
+
+def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded):
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    results = throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=2, repeats=3)
+    assert all(len(r.prefill_runs) == 3 and len(r.decode_runs) == 3 for r in results)
+    assert results[0].prefill_within_noise is None and results[1].decode_within_noise in (True, False)
+    assert evaluate.within_noise([10, 12], [11, 13]) and not evaluate.within_noise([10, 11], [20, 21])
+    assert evaluate.within_noise([20, 21], [10, 11], masked=True)  # the masked path cannot be faster than dense
+    assert not evaluate.within_noise([5, 6], [10, 11], masked=True)  # but it can be measurably slower
+    assert evaluate.relative_spread([8.0, 10.0, 12.0]) == pytest.approx(0.4)
+    noisy = evaluate.ThroughputResult("uniform", 0.5, 10, 5, 8, 2, decode_runs=[4, 6], prefill_runs=[8, 12],
+                                      decode_within_noise=True, prefill_within_noise=False)
+    note = evaluate.noise_note([noisy])
+    assert "uniform decode" in note and "uniform prefill" not in note and "40%" in note  # (6 - 4) / 5
+    noisy.decode_within_noise = False
+    assert evaluate.noise_note([noisy]) is None
+
+
+def test_throughput_rounds_interleave_the_methods(tiny_loaded):
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    messages = []
+    throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=1, repeats=2,
+               progress=lambda done, total, message: messages.append(message))
+    assert messages[:6] == ["dense: warm-up", "uniform: warm-up", "dense: repeat 1/2", "uniform: repeat 1/2",
+                            "dense: repeat 2/2", "uniform: repeat 2/2"]

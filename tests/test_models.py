@@ -93,3 +93,18 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch) -> None:
 def test_model_without_decoder_layers() -> None:
     with pytest.raises(ActTailError, match="no decoder layers"):
         find_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_display_name_names_the_model(tmp_path):
+    from acttail_core.models import LoadedModel
+
+    def named(name: str) -> str:
+        loaded = LoadedModel(model=None, tokenizer=None, name=name, source=name, device="cpu", dtype=torch.float32)
+        return loaded.display_name
+
+    folder = tmp_path / "my-finetune"
+    folder.mkdir()
+    assert named("default") == "SmolLM2-135M-Instruct" and named("gemma3-270m") == "Gemma-3-270M"
+    assert named(str(folder)) == "my-finetune"
+    assert named(str(tmp_path / "SmolLM2-360M.Q4_K_M.gguf")) == "SmolLM2-360M.Q4_K_M"
+    assert named("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
