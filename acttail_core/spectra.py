@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .eigensolver import SolverPlan, Unit, batch_size_for, default_plan, gram_dim, solve, visible_devices
-from .errors import ActTailError, SpectraError
+from .errors import ActTailError, SpectraError, setting
 from .esd import BACKENDS, DEFAULT_RULE, XMIN_RULES, PowerLawFit, ProjectionSpectrum, Spectra
 from .models import LoadedModel
 from .progress import ProgressFn, report
@@ -233,7 +233,9 @@ def weightwatcher_fits(model: torch.nn.Module, projections: Sequence[Projection]
     try:
         import weightwatcher as ww
     except ImportError as exc:
-        raise ActTailError("--backend weightwatcher needs the weightwatcher package: pip install weightwatcher") from exc
+        raise ActTailError(
+            f"{setting('backend')} weightwatcher needs the weightwatcher package: pip install weightwatcher"
+        ) from exc
     holder = torch.nn.Module()
     for i, proj in enumerate(projections):
         lin = weight_of(model, proj)
