@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .budget import keep_count
+from .corpora import load_text, tokenize_corpus
 from .errors import ActTailError
 from .intercept import intercept
 from .models import LoadedModel
@@ -67,9 +68,6 @@ def capture_input(
     progress: Optional[ProgressFn] = None,
 ) -> InputSample:
     """The dense model's input to projection ``name`` over ``tokens`` tokens of the corpus's calibration text."""
-    from .corpora import load_text
-    from .evaluate import tokenize_corpus
-
     projection = next((p for p in find_projections(loaded.model) if p.name == name), None)
     if projection is None:
         raise ActTailError(f"{name!r} is not a projection of this model")

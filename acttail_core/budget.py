@@ -43,7 +43,7 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__
-from .errors import BudgetError
+from .errors import BudgetError, setting
 from .projections import Projection
 from .safe_io import write_text
 
@@ -352,7 +352,7 @@ def check_budget_matches(
         if not allow_other_weights:
             raise BudgetError(
                 f"model_fingerprint: budget was made for weights {budget.model_fingerprint[:16]}, the loaded model is "
-                f"{fingerprint}; allow budgets for other weights to use it anyway (CLI: --allow-other-weights)"
+                f"{fingerprint}; use {setting('allow_other_weights')} to use it anyway"
             )
         log.warning("budget was made for weights %s, the loaded model is %s", budget.model_fingerprint, fingerprint)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .errors import ActTailError
+from .errors import SETTING_WORDS, ActTailError
 from .safe_io import check_output
 
 # Each command module registers itself here: name -> (add_arguments, run)
@@ -25,6 +25,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+# An error names a setting by the flag that sets it (``seqlen`` -> ``--seqlen``).
+FLAG_OF_SETTING = {name: "--" + name.replace("_", "-") for name in SETTING_WORDS}
 
 
 def one_line(message: str) -> str:
@@ -254,7 +258,7 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = OneLineParser(prog="python -m acttail_core",
+    parser = OneLineParser(prog="acttail",
                            description="ActTail Explorer: heavy-tail guided activation sparsity")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -285,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args)
     except ActTailError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(exc.worded(FLAG_OF_SETTING))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

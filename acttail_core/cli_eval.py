@@ -139,7 +139,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
     seqlen = args.seqlen
     if seqlen is None:
-        from .evaluate import default_seqlen
+        from .corpora import default_seqlen
 
         seqlen = default_seqlen(loaded)
     print_table(

@@ -28,9 +28,11 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
-from .errors import CorpusError
+import torch
+
+from .errors import ActTailError, CorpusError, setting
 from .integrity import file_sha256
-from .models import cache_root
+from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
 from .safe_io import locked_temp_dir, sweep_stale_temps
 
@@ -148,7 +150,7 @@ def _wikitext2(role: str) -> str:
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use --corpus demo)") from None
+        raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use the demo text)") from None
     from .models import hub_reachable
 
     try:
@@ -168,7 +170,7 @@ def _wikitext2(role: str) -> str:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CorpusError(
             f"WikiText-2 ({split} split) is not available: needs network access or the `datasets` cache ({first}); "
-            "use --corpus demo or a text file"
+            "use the demo text or a text file"
         ) from None
     return "\n\n".join(data["text"])
 
@@ -209,7 +211,7 @@ def load_text(corpus: str, role: str = "eval", max_chars: Optional[int] = None) 
             raise CorpusError(f"corpus {corpus!r} not found: use demo, demo:NAME, wikitext2 or a path to a text file")
         if role == "calibration":
             raise CorpusError(
-                f"{corpus} is the evaluation text; threshold calibration needs a different text: pass --calib-corpus (e.g. demo)"
+                f"{corpus} is the evaluation text; threshold calibration needs a different text: choose {setting('calib_corpus')} (e.g. demo)"
             )
         text = _read_file(path, max_chars)
     if max_chars is not None:
@@ -241,7 +243,7 @@ def default_calibration_corpus(corpus: str) -> str:
         return corpus
     if corpus.startswith("demo:"):
         return "demo:alice29" if corpus.split(":", 1)[1] == DEMO_ROLES["calibration"] else "demo"
-    raise CorpusError(f"threshold mode needs calibration text other than {corpus}: pass --calib-corpus (e.g. demo)")
+    raise CorpusError(f"threshold mode needs calibration text other than {corpus}: choose {setting('calib_corpus')} (e.g. demo)")
 
 
 def same_text(eval_corpus: str, calib_corpus: str) -> bool:
@@ -272,3 +274,65 @@ __all__ = [
     "same_text",
     "text_digest",
 ]
+
+
+# --------------------------------------------------------------------------- tokens
+
+MAX_DEFAULT_SEQLEN = 2048
+
+
+def model_max_length(loaded: LoadedModel) -> Optional[int]:
+    cfg = loaded.model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def default_seqlen(loaded: LoadedModel) -> int:
+    """min(2048, the model's context length)."""
+    limit = model_max_length(loaded)
+    return min(MAX_DEFAULT_SEQLEN, limit) if limit else MAX_DEFAULT_SEQLEN
+
+
+def _token_ids(tokenizer, text: str, max_tokens: Optional[int]) -> list[int]:
+    """Token ids of the text; with ``max_tokens`` only a prefix long enough for it is tokenized.
+
+    Large corpora and quick checks then tokenize kilobytes, not the whole text.
+    """
+    if max_tokens is not None:
+        prefix_chars = max(max_tokens * 16, 8192)
+        if prefix_chars < len(text):
+            ids = tokenizer(text[:prefix_chars], verbose=False)["input_ids"]
+            if len(ids) > max_tokens + 64:  # the cut only changes the last few tokens, which are dropped
+                return ids
+    return tokenizer(text, verbose=False)["input_ids"]
+
+
+def tokenize_corpus(
+    loaded: LoadedModel, text: str, seqlen: Optional[int] = None, max_tokens: Optional[int] = None
+) -> torch.Tensor:
+    """Token ids of ``text`` as ``[n_chunks, seqlen]`` (CPU, long), at most ``max_tokens`` tokens in all."""
+    if loaded.tokenizer is None:
+        raise ActTailError(f"model {loaded.name} has no tokenizer")
+    seqlen = seqlen or default_seqlen(loaded)
+    if seqlen < 2:
+        raise CorpusError(f"{setting('seqlen')} must be at least 2 tokens, got {seqlen}")
+    limit = model_max_length(loaded)
+    if limit and seqlen > limit:
+        raise CorpusError(f"{setting('seqlen')} {seqlen} exceeds the model's context length {limit}")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise CorpusError(
+            f"{setting('max_tokens')} {max_tokens} is smaller than one chunk of {seqlen} tokens; "
+            f"raise it or lower {setting('seqlen')}"
+        )
+    if not text.strip():
+        raise CorpusError("the corpus is empty")
+    ids = _token_ids(loaded.tokenizer, text, max_tokens)
+    n_chunks = len(ids) // seqlen
+    if max_tokens is not None:
+        n_chunks = min(n_chunks, max_tokens // seqlen)
+    if n_chunks < 1:
+        raise CorpusError(
+            f"the corpus has only {len(ids)} tokens, fewer than one chunk of {seqlen}; lower {setting('seqlen')}"
+        )
+    return torch.tensor(ids[: n_chunks * seqlen], dtype=torch.long).view(n_chunks, seqlen)

@@ -28,14 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from .budget import Budget
-from .errors import ActTailError, CorpusError
+from .corpora import model_max_length, tokenize_corpus
+from .errors import ActTailError, setting
 from .models import LoadedModel
 from .progress import ProgressFn, part, report
-from .sparsify import ThresholdTable, _check_mode, sparsify
+from .sparsify import _check_mode, sparsify
+from .thresholds import ThresholdTable
 
 log = logging.getLogger(__name__)
 
-MAX_DEFAULT_SEQLEN = 2048
 MAX_CUDA_BATCH = 16
 THROUGHPUT_NOTE = (
     "Masked path: masking zeroes activations but the dense matmul still reads every weight, so it shows the cost "
@@ -136,53 +137,6 @@ def throughput_note(results: Sequence[ThroughputResult]) -> str:
     return " ".join(notes + ([THROUGHPUT_NOTE] if "masked" in paths else []))
 
 
-def model_max_length(loaded: LoadedModel) -> Optional[int]:
-    cfg = loaded.model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    value = getattr(cfg, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def default_seqlen(loaded: LoadedModel) -> int:
-    """min(2048, the model's context length)."""
-    limit = model_max_length(loaded)
-    return min(MAX_DEFAULT_SEQLEN, limit) if limit else MAX_DEFAULT_SEQLEN
-
-
-def _token_ids(tokenizer, text: str, max_tokens: Optional[int]) -> list[int]:
-    """Token ids of the text; with ``max_tokens`` only a prefix long enough for it is tokenized (large corpora, quick checks)."""
-    if max_tokens is not None:
-        prefix_chars = max(max_tokens * 16, 8192)
-        if prefix_chars < len(text):
-            ids = tokenizer(text[:prefix_chars], verbose=False)["input_ids"]
-            if len(ids) > max_tokens + 64:  # the cut only changes the last few tokens, which are dropped
-                return ids
-    return tokenizer(text, verbose=False)["input_ids"]
-
-
-def tokenize_corpus(loaded: LoadedModel, text: str, seqlen: Optional[int] = None, max_tokens: Optional[int] = None) -> torch.Tensor:
-    """Token ids of ``text`` as ``[n_chunks, seqlen]`` (CPU, long), at most ``max_tokens`` tokens in all."""
-    if loaded.tokenizer is None:
-        raise ActTailError(f"model {loaded.name} has no tokenizer")
-    seqlen = seqlen or default_seqlen(loaded)
-    if seqlen < 2:
-        raise CorpusError(f"--seqlen must be at least 2 tokens, got {seqlen}")
-    limit = model_max_length(loaded)
-    if limit and seqlen > limit:
-        raise CorpusError(f"--seqlen {seqlen} exceeds the model's context length {limit}")
-    if max_tokens is not None and max_tokens < seqlen:
-        raise CorpusError(f"--max-tokens {max_tokens} is smaller than one chunk of {seqlen} tokens; raise it or lower --seqlen")
-    if not text.strip():
-        raise CorpusError("the corpus is empty")
-    ids = _token_ids(loaded.tokenizer, text, max_tokens)
-    n_chunks = len(ids) // seqlen
-    if max_tokens is not None:
-        n_chunks = min(n_chunks, max_tokens // seqlen)
-    if n_chunks < 1:
-        raise CorpusError(f"the corpus has only {len(ids)} tokens, fewer than one chunk of {seqlen}; lower --seqlen")
-    return torch.tensor(ids[: n_chunks * seqlen], dtype=torch.long).view(n_chunks, seqlen)
-
-
 def _synchronize(model: torch.nn.Module) -> None:
     if torch.cuda.is_available():
         for device in {p.device for p in model.parameters() if p.device.type == "cuda"}:
@@ -228,7 +182,7 @@ def _nll_batches(
                 torch.cuda.empty_cache()
             if batch_size == 1:
                 raise ActTailError(
-                    f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower --seqlen or use --dtype bfloat16"
+                    f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower {setting('seqlen')} or use {setting('dtype')} bfloat16"
                 ) from None
             batch_size //= 2
             log.info("CUDA out of memory; retrying with batch size %d", batch_size)

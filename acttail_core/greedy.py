@@ -101,7 +101,7 @@ def measure_error_curves(
 ) -> ErrorCurves:
     """Error curves of every projection on ``tokens`` tokens of the corpus's calibration text."""
     from .corpora import load_text
-    from .evaluate import tokenize_corpus
+    from .corpora import tokenize_corpus
 
     projections = find_projections(loaded.model)
     path = _cache_file(loaded.fingerprint, corpus, tokens)

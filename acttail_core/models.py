@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from .checkpoint import Checkpoint, fingerprint, tensor_sample
-from .errors import ModelLoadError
+from .errors import ModelLoadError, setting
 from .integrity import file_digest_problem, record_file_digest, tree_digests, tree_problem
 from .progress import ProgressFn, report
 from .safe_io import locked_temp_dir, sweep_stale_temps
@@ -148,7 +148,7 @@ def check_device(device: str) -> None:
         return
     if device in ("cuda", "auto") or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible to torch; use --device cpu")
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible to torch; set {setting('device')} to cpu")
         return
     raise ModelLoadError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto")
 

@@ -291,15 +291,9 @@ def sparsify(
         _ACTIVE.discard(model)
 
 
-# --------------------------------------------------------------------------- threshold calibration
-from .thresholds import ThresholdTable, calibrate_on_chunks, calibrate_thresholds  # noqa: E402  (re-exported API)
-
 __all__ = [
     "SPARSITY_MODES",
     "TOPK_IMPLS",
     "SparsityStats",
     "sparsify",
-    "ThresholdTable",
-    "calibrate_on_chunks",
-    "calibrate_thresholds",
 ]

@@ -7,7 +7,7 @@ continuous maximum-likelihood (Hill) estimator
 
     alpha = 1 + n / sum_{lambda_j >= xmin} ln(lambda_j / xmin),   n = tail size,
 
-and ``xmin`` is chosen by one of three rules (METHOD.md section 2):
+and ``xmin`` is chosen by one of three rules (as weightwatcher and AlphaPruning define them):
 
 * ``ks``   - every eigenvalue but the largest is tried as xmin; the one with the
   smallest Kolmogorov-Smirnov distance
@@ -30,97 +30,24 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .eigensolver import SolverPlan, Unit, batch_size_for, default_plan, gram_dim, solve, visible_devices
-from .errors import ActTailError, SpectraError
+from .errors import ActTailError, SpectraError, setting
+from .esd import BACKENDS, DEFAULT_RULE, XMIN_RULES, PowerLawFit, ProjectionSpectrum, Spectra
 from .models import LoadedModel
 from .progress import ProgressFn, report
 from .projections import Projection, find_projections, weight_of
+from .spectra_io import cache_path, cached_eigenvalues, cached_spectra, save_spectra
 
 log = logging.getLogger(__name__)
 
-XMIN_RULES = ("ks", "peak", "mid")
-# The rule the allocation study chose (bench/results/study/report.md); `ks` stays the weightwatcher-comparable fit.
-DEFAULT_RULE = "mid"
-BACKENDS = ("acttail", "weightwatcher")
 EVALS_THRESH = 1e-5
 _SINGLE_THREAD_MAX_DIM = 1024  # CPU Gram matrices up to this size are decomposed on one thread
 _KS_CHUNK_ELEMENTS = 1 << 22  # candidates x eigenvalues evaluated at once (32 MiB in float64)
-
-
-@dataclass
-class PowerLawFit:
-    alpha: float
-    xmin: float
-    tail_size: int
-    ks_distance: float
-
-
-@dataclass
-class ProjectionSpectrum:
-    """ESD summary of one projection; ``eigenvalues`` ascending, float32, for plots."""
-
-    name: str
-    layer: int
-    type: str
-    in_features: int
-    out_features: int
-    alpha: float
-    xmin: float
-    tail_size: int
-    ks_distance: float
-    lambda_max: float
-    num_eigs: int
-    eigenvalues: np.ndarray = field(repr=False)
-
-    @property
-    def params(self) -> int:
-        return self.in_features * self.out_features
-
-    def projection(self) -> Projection:
-        return Projection(self.name, self.layer, self.type, self.in_features, self.out_features)
-
-
-@dataclass
-class Spectra:
-    """Per-projection spectra of one model under one xmin rule."""
-
-    model_name: str
-    fingerprint: str
-    rule: str
-    backend: str
-    entries: list[ProjectionSpectrum]
-
-    def projections(self) -> list[Projection]:
-        return [e.projection() for e in self.entries]
-
-    def alphas(self) -> np.ndarray:
-        return np.array([e.alpha for e in self.entries], dtype=np.float64)
-
-    def by_name(self) -> dict[str, ProjectionSpectrum]:
-        return {e.name: e for e in self.entries}
-
-    def to_frame(self):
-        """A pandas DataFrame, one row per projection (no eigenvalues)."""
-        import pandas as pd
-
-        rows = []
-        for e in self.entries:
-            row = {k: v for k, v in asdict(e).items() if k != "eigenvalues"}
-            row["params"] = e.params
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    def type_summary(self):
-        """count / mean / min / max alpha per projection type, in canonical type order."""
-        frame = self.to_frame()
-        summary = frame.groupby("type", sort=False)["alpha"].agg(["count", "mean", "min", "max"])
-        return summary
 
 
 # --------------------------------------------------------------------------- fitting
@@ -306,7 +233,9 @@ def weightwatcher_fits(model: torch.nn.Module, projections: Sequence[Projection]
     try:
         import weightwatcher as ww
     except ImportError as exc:
-        raise ActTailError("--backend weightwatcher needs the weightwatcher package: pip install weightwatcher") from exc
+        raise ActTailError(
+            f"{setting('backend')} weightwatcher needs the weightwatcher package: pip install weightwatcher"
+        ) from exc
     holder = torch.nn.Module()
     for i, proj in enumerate(projections):
         lin = weight_of(model, proj)
@@ -346,8 +275,6 @@ def compute_spectra(
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    from .spectra_io import cache_path, cached_eigenvalues, cached_spectra, save_spectra
-
     projections = find_projections(loaded.model)
     fingerprint = loaded.fingerprint
     if use_cache:

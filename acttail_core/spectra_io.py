@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import ActTailError, SpectraError
+from .esd import BACKENDS, XMIN_RULES, ProjectionSpectrum, Spectra
 from .integrity import CacheIntegrityError, read_with_digest, write_with_digest
 from .models import cache_root
 from .projections import Projection
 from .safe_io import write_text
-from .spectra import BACKENDS, XMIN_RULES, ProjectionSpectrum, Spectra
 
 log = logging.getLogger(__name__)
 

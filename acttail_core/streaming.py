@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import Checkpoint, fingerprint
 from .eigensolver import SolverPlan, Unit, solve, visible_devices
-from .errors import ActTailError, ModelLoadError
+from .errors import ActTailError, ModelLoadError, setting
 from .models import LoadedModel, resolve_dtype
 from .progress import ProgressFn, report
 from .projections import Coverage, Projection, find_projections, projection_coverage
@@ -331,7 +331,7 @@ def spectra_of(
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "weightwatcher":
-        raise ActTailError("--backend weightwatcher needs every weight in memory; this model is partly offloaded")
+        raise ActTailError(f"{setting('backend')} weightwatcher needs every weight in memory; this model is partly offloaded")
     if not Path(loaded.source).is_dir():
         raise ActTailError(f"{loaded.name} is partly offloaded and not a local directory, so it cannot be streamed")
     dtype = str(loaded.dtype).replace("torch.", "")

@@ -148,7 +148,7 @@ class Study:
 
     def chunks(self, ref: str, text: str, tokens: int):
         from .corpora import load_text
-        from .evaluate import tokenize_corpus
+        from .corpora import tokenize_corpus
 
         key = (ref, text, tokens)
         if key not in self._chunks:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .budget import Budget
+from .corpora import default_seqlen, load_calibration_text, text_digest, tokenize_corpus
 from .errors import ActTailError
 from .integrity import file_digest_problem, record_file_digest
 from .intercept import intercept
@@ -252,9 +253,6 @@ def calibrate_thresholds(
     demo evaluation text is alice29.txt), ``wikitext2`` its train split, and a
     path is read as given.
     """
-    from .corpora import load_calibration_text, text_digest
-    from .evaluate import default_seqlen, tokenize_corpus
-
     text = load_calibration_text(corpus)
     seqlen = min(seqlen or default_seqlen(loaded), max_tokens)
     path = _cache_path(loaded.fingerprint, corpus, text_digest(text), max_tokens, seqlen)

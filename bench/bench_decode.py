@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from acttail_core.allocation import allocate, uniform_budget
-from acttail_core.decode import Decoder, input_major, measure_decode, time_decoder, weight_bytes_per_step
+from acttail_core.decode import Decoder, input_major, measure_decode, weight_bytes_per_step
 from acttail_core.eigensolver import SolverPlan
 from acttail_core.kernels.gather_gemv import GemvConfig, default_config
 from acttail_core.models import from_module, load_model

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -42,16 +41,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from acttail_core.eigensolver import SolverPlan, Unit, default_plan, gram_matrix, solve, visible_devices  # noqa: E402
-from acttail_core.models import from_module, load_model  # noqa: E402
-from acttail_core.projections import find_projections, weight_of  # noqa: E402
-from acttail_core.spectra import XMIN_RULES, compute_spectra, fit_power_law, weightwatcher_fits  # noqa: E402
-from acttail_core.streaming import HostPeak, stream_spectra  # noqa: E402
+from acttail_core.eigensolver import SolverPlan, Unit, default_plan, gram_matrix, solve, visible_devices
+from acttail_core.models import from_module, load_model
+from acttail_core.projections import find_projections, weight_of
+from acttail_core.spectra import XMIN_RULES, compute_spectra, fit_power_law, weightwatcher_fits
+from acttail_core.streaming import HostPeak, stream_spectra
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)

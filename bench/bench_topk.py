@@ -11,12 +11,9 @@ Medians of CUDA-event timings after warm-up (triton.testing.do_bench).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 
 def topk_scatter(x: torch.Tensor, k: int) -> torch.Tensor:

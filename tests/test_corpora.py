@@ -70,7 +70,7 @@ def test_text_files_and_errors(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("some words\n")
     assert corpora.load_text(str(good)) == "some words\n"
-    with pytest.raises(CorpusError, match="--calib-corpus"):
+    with pytest.raises(CorpusError, match="the calibration text"):
         corpora.load_text(str(good), "calibration")
     assert corpora.load_calibration_text(str(good)) == "some words\n"
     empty = tmp_path / "empty.txt"
@@ -85,7 +85,7 @@ def test_text_files_and_errors(tmp_path):
         corpora.load_text(str(tmp_path / "missing.txt"))
     with pytest.raises(CorpusError, match="unknown demo text"):
         corpora.load_text("demo:nope")
-    with pytest.raises(CorpusError, match="--calib-corpus"):
+    with pytest.raises(CorpusError, match="the calibration text"):
         corpora.default_calibration_corpus(str(good))
     assert corpora.default_calibration_corpus("demo:asyoulik") == "demo:alice29"
     assert corpora.same_text("demo:asyoulik", "demo") and not corpora.same_text("demo", "demo")

@@ -9,7 +9,8 @@ import torch
 from acttail_core import evaluate
 from acttail_core.allocation import uniform_budget
 from acttail_core.errors import ActTailError, CorpusError
-from acttail_core.evaluate import compare, perplexity, throughput, tokenize_corpus
+from acttail_core.corpora import tokenize_corpus
+from acttail_core.evaluate import compare, perplexity, throughput
 from acttail_core.projections import find_projections
 
 TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
@@ -95,7 +96,7 @@ def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
     assert results[1].realized_sparsity == pytest.approx(0.5, abs=0.01)
     assert results[2].realized_sparsity == pytest.approx(budget.effective_sparsity, abs=0.01)
     assert set(results[0].as_dict()) == {"method", "sparsity", "ppl", "nll", "tokens", "realized_sparsity", "seconds"}
-    with pytest.raises(ActTailError, match="calib-corpus"):
+    with pytest.raises(ActTailError, match="calibration text"):
         compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192, mode="threshold")
 
 

@@ -12,7 +12,8 @@ from acttail_core import decode
 from acttail_core.allocation import AllocationSettings, allocate, allocate_sparsities, uniform_budget
 from acttail_core.budget import load_budget, make_budget, save_budget
 from acttail_core.errors import ActTailError
-from acttail_core.evaluate import perplexity, tokenize_corpus
+from acttail_core.corpora import tokenize_corpus
+from acttail_core.evaluate import perplexity
 from acttail_core.models import from_module
 from acttail_core.projection_map import FAMILY_MAPS, split_falcon_qkv, split_qkv_per_head
 from acttail_core.projections import find_projections, projection_coverage, weight_of

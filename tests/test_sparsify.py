@@ -10,10 +10,11 @@ from acttail_core import thresholds as thresholds_mod
 from acttail_core.allocation import allocate_sparsities, uniform_budget
 from acttail_core.budget import make_budget
 from acttail_core.errors import ActTailError, BudgetError
-from acttail_core.evaluate import tokenize_corpus
+from acttail_core.corpora import tokenize_corpus
 from acttail_core.models import from_module
 from acttail_core.projections import find_projections, get_module
-from acttail_core.sparsify import ThresholdTable, calibrate_on_chunks, calibrate_thresholds, sparsify
+from acttail_core.sparsify import sparsify
+from acttail_core.thresholds import ThresholdTable, calibrate_on_chunks, calibrate_thresholds
 
 from tests.conftest import byte_tokenizer, make_tiny_llama
 
