@@ -13,8 +13,16 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
-from .cli import (add_allocation_arguments, add_model_arguments, build_budget, load_from_args, model_input, print_table,
-                  register, settings_from_args)
+from .cli import (
+    add_allocation_arguments,
+    add_model_arguments,
+    build_budget,
+    load_from_args,
+    model_input,
+    print_table,
+    register,
+    settings_from_args,
+)
 from .errors import ActTailError
 from .safe_io import check_output, write_json
 

@@ -32,7 +32,7 @@ import torch
 
 from .errors import ActTailError, CorpusError, setting
 from .integrity import file_sha256
-from .models import LoadedModel, cache_root
+from .models import LoadedModel, cache_root, hub_reachable
 from .progress import ProgressFn, report
 from .safe_io import locked_temp_dir, sweep_stale_temps
 
@@ -151,7 +151,6 @@ def _wikitext2(role: str) -> str:
         import datasets  # noqa: F401
     except ImportError:
         raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use the demo text)") from None
-    from .models import hub_reachable
 
     try:
         if hub_reachable():

@@ -47,7 +47,15 @@ from .errors import ActTailError
 from .kernels.attention import decode_attention
 from .kernels.gather_gemv import GatherGemv, GemvConfig, default_config
 from .kernels.select import (
-    ACT_MUL, MODE_DENSE, MODE_THRESHOLD, MODE_TOPK, PLAIN, RESIDUAL_NORM, CompactLists, select_group, threshold_param,
+    ACT_MUL,
+    MODE_DENSE,
+    MODE_THRESHOLD,
+    MODE_TOPK,
+    PLAIN,
+    RESIDUAL_NORM,
+    CompactLists,
+    select_group,
+    threshold_param,
 )
 from .models import LoadedModel
 from .projections import decoder_layers

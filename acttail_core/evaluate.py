@@ -27,13 +27,22 @@ from typing import MutableMapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .budget import Budget
-from .corpora import model_max_length, tokenize_corpus
+from .allocation import uniform_budget
+from .budget import Budget, budget_key, check_budget_matches
+from .corpora import (
+    default_calibration_corpus,
+    load_text,
+    model_max_length,
+    prefix_chars,
+    same_text,
+    tokenize_corpus,
+)
 from .errors import ActTailError, setting
 from .models import LoadedModel
 from .progress import ProgressFn, part, report
+from .projections import find_projections
 from .sparsify import _check_mode, sparsify
-from .thresholds import ThresholdTable
+from .thresholds import ThresholdTable, calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +249,6 @@ def perplexity(
 
 
 def _uniform_for(loaded: LoadedModel, budget: Budget) -> Budget:
-    from .allocation import uniform_budget
-    from .projections import find_projections
 
     return uniform_budget(find_projections(loaded.model), budget.effective_sparsity, loaded.name, loaded.fingerprint)
 
@@ -301,9 +308,6 @@ def evaluate_budgets(
     tokens, mode, calibration and per-projection sparsities is taken from it (``cached=True``), not measured
     again.
     """
-    from .budget import budget_key, check_budget_matches
-    from .corpora import default_calibration_corpus, load_text, prefix_chars, same_text
-    from .projections import find_projections
 
     _check_mode(mode)
     projections = find_projections(loaded.model)
@@ -316,7 +320,9 @@ def evaluate_budgets(
     if mode == "threshold" and table is None:
         calib_corpus = calib_corpus or default_calibration_corpus(corpus)
         if same_text(corpus, calib_corpus):
-            raise ActTailError(f"calibration text {calib_corpus} is the evaluation text; choose another --calib-corpus")
+            raise ActTailError(
+                f"calibration text {calib_corpus} is the evaluation text; choose another {setting('calib_corpus')}"
+            )
     text_key = hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
     calib_key = ""  # threshold mode: which calibration made the thresholds
     if mode == "threshold":
@@ -331,7 +337,6 @@ def evaluate_budgets(
             report(step, 1, 1, f"{label}: from an earlier run")
             continue
         if mode == "threshold" and table is None and budget is not None:
-            from .thresholds import calibrate_thresholds
 
             kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
             table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
@@ -427,12 +432,13 @@ def throughput(
     """
     _check_mode(mode)
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or batch < 1:
-        raise ActTailError("--prompt-len, --new-tokens, --repeats and the batch must be at least 1")
+        raise ActTailError(
+            f"{setting('prompt_len')}, {setting('new_tokens')}, {setting('repeats')} and the batch must be at least 1"
+        )
     limit = model_max_length(loaded)
     if limit and prompt_len + new_tokens + 1 > limit:
-        raise ActTailError(f"--prompt-len + --new-tokens exceeds the model's context length {limit}")
+        raise ActTailError(f"{setting('prompt_len')} + {setting('new_tokens')} exceeds the model's context length {limit}")
     if mode == "threshold" and calibration is None and any(b is not None for b in budgets):
-        from .thresholds import calibrate_thresholds
 
         calibration = calibrate_thresholds(loaded, "demo", progress=progress)
     why_not = fused_decode_unavailable(loaded, mode)
@@ -459,7 +465,7 @@ def throughput(
                     if not _is_oom(exc):
                         raise
                     raise ActTailError(
-                        f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower --prompt-len"
+                        f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower {setting('prompt_len')}"
                     ) from None
             if round_ > 0:
                 prefill[i].append(batch * prompt_len / seconds[0])

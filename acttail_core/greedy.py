@@ -100,8 +100,7 @@ def measure_error_curves(
     progress: Optional[ProgressFn] = None,
 ) -> ErrorCurves:
     """Error curves of every projection on ``tokens`` tokens of the corpus's calibration text."""
-    from .corpora import load_text
-    from .corpora import tokenize_corpus
+    from .corpora import load_text, tokenize_corpus
 
     projections = find_projections(loaded.model)
     path = _cache_file(loaded.fingerprint, corpus, tokens)

@@ -40,8 +40,8 @@ from .spectra import (
     DEFAULT_RULE,
     XMIN_RULES,
     Spectra,
-    few_threads_for_small,
     compute_spectra,
+    few_threads_for_small,
     gram_eigenvalues,
     spectra_from_eigenvalues,
 )

@@ -147,8 +147,7 @@ class Study:
         return self._loaded[ref]
 
     def chunks(self, ref: str, text: str, tokens: int):
-        from .corpora import load_text
-        from .corpora import tokenize_corpus
+        from .corpora import load_text, tokenize_corpus
 
         key = (ref, text, tokens)
         if key not in self._chunks:

@@ -14,6 +14,7 @@ from .allocation import MAX_TARGET, AllocationSettings, allocate, check_target, 
 from .budget import Budget, budget_key, describe
 from .errors import ActTailError
 from .evaluate import evaluate_budgets
+from .greedy import greedy_budget
 from .models import LoadedModel
 from .progress import ProgressFn
 from .spectra import Spectra
@@ -72,7 +73,6 @@ def sweep_runs(
             chosen = settings if method == "settings" else AllocationSettings(method=method)
             check_target(target, chosen)
             if chosen.method == "greedy":
-                from .greedy import greedy_budget  # optional: costs a calibration pass the first time
 
                 budget = greedy_budget(loaded, target, alphas=alphas, progress=progress)
             elif chosen.method == "uniform":

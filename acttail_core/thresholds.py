@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .budget import Budget
+from .budget import Budget, check_budget_matches
 from .corpora import default_seqlen, load_calibration_text, text_digest, tokenize_corpus
 from .errors import ActTailError
 from .integrity import file_digest_problem, record_file_digest
@@ -205,7 +205,6 @@ def budget_thresholds(
     threshold to the ``sparsity``-quantile of its own (already upstream-sparsified)
     input over all calibration tokens, then applies it: one forward per budget.
     """
-    from .budget import check_budget_matches
 
     projections = find_projections(model)
     check_budget_matches(budget, projections)

@@ -17,7 +17,7 @@ import streamlit as st
 from acttail_core import evaluate
 from acttail_core.allocation import AllocationSettings, settings_of
 from acttail_core.budget import Budget, describe
-from acttail_core.corpora import DEMO_FILES
+from acttail_core.corpora import DEMO_FILES, default_seqlen
 from acttail_core.sparsify import SPARSITY_MODES
 from acttail_core.sweep import SWEEP_METHODS, parse_targets, sweep
 from app import charts, layout, state
@@ -69,7 +69,7 @@ def _speed_key(ctx: AppContext, mode: str) -> tuple:
 
 def _seqlen(ctx: AppContext, tokens: int) -> int:
     """A quick check may score fewer tokens than the model's default chunk: then one chunk of all of them."""
-    return min(tokens, evaluate.default_seqlen(ctx.loaded))
+    return min(tokens, default_seqlen(ctx.loaded))
 
 
 def estimate(ctx: AppContext, tokens: int, runs: int, mode: str) -> str:

@@ -9,20 +9,19 @@ a switch and stay in the URL.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import altair as alt
+import streamlit as st
 
-# `streamlit run app/main.py` puts app/ on sys.path, not the repository root that holds acttail_core.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import altair as alt  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from acttail_core.spectra import DEFAULT_RULE, XMIN_RULES  # noqa: E402
-from app import (  # noqa: E402
-    activations_tab, allocation_tab, compare_tab, evaluate_tab, layout, model_tab, spectra_tab, state,
+from acttail_core.spectra import DEFAULT_RULE, XMIN_RULES
+from app import (  # installed with acttail_core by `pip install -e .` (scripts/setup.sh)
+    activations_tab,
+    allocation_tab,
+    compare_tab,
+    evaluate_tab,
+    layout,
+    model_tab,
+    spectra_tab,
+    state,
 )
 
 # Altair checks every chart part against the Vega-Lite schema as it is made (about half of a slider move's

@@ -29,6 +29,7 @@ import torch
 from acttail_core.allocation import AllocationSettings, allocate, check_target, uniform_budget
 from acttail_core.budget import Budget, describe
 from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoadError, SpectraError
+from acttail_core.greedy import greedy_budget
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
 from acttail_core.projections import Projection
@@ -248,11 +249,28 @@ def guarded(render: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# An error names a setting by the control that sets it on this page.
+LABEL_OF_SETTING = {
+    "seqlen": "the sequence length (a run's tokens, up to the model's context)",
+    "max_tokens": "Tokens",
+    "calib_corpus": "the calibration text",
+    "corpus": "Corpus",
+    "device": "Device",
+    "dtype": "dtype",
+    "backend": "the spectra backend",
+    "prompt_len": "Prompt tokens",
+    "new_tokens": "New tokens",
+    "repeats": "Repeats",
+    "sparsity": "Global sparsity",
+    "allow_other_weights": "'Allow a budget made for other weights' (Allocation tab)",
+}
+
+
 def error_text(error: BaseException, what: str = "") -> str:
     """One readable line and a hint, never a traceback."""
     prefix = f"{what}: " if what else ""
     if isinstance(error, ActTailError):
-        return f"{prefix}{error}\n\n**Hint:** {hint_for(error)}"
+        return f"{prefix}{error.worded(LABEL_OF_SETTING)}\n\n**Hint:** {hint_for(error)}"
     # a bug: log the traceback for the developer, show the user one line
     log.exception("unexpected error in the dashboard", exc_info=error)
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -374,7 +392,6 @@ def budget_for(ctx: AppContext, target: float, settings: AllocationSettings, pro
 
     def make() -> Budget:
         if settings.method == "greedy":
-            from acttail_core.greedy import greedy_budget  # optional: measures error curves the first time
 
             check_target(target, settings)
             return greedy_budget(ctx.loaded, target, alphas=spectra.alphas(), progress=progress)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from acttail_core import corpora
+from acttail_core import activations
 from acttail_core.activations import InputSample, capture_input, magnitude_histogram
 from acttail_core.errors import ActTailError
 from acttail_core.models import from_module
@@ -17,7 +17,7 @@ from tests.test_evaluate import TEXT
 
 def test_capture_is_the_dense_input_and_stops_early(tiny_loaded, monkeypatch):
 
-    monkeypatch.setattr(corpora, "load_text", lambda corpus, role="eval", max_chars=None: TEXT)
+    monkeypatch.setattr(activations, "load_text", lambda corpus, role="eval", max_chars=None: TEXT)
     name = "model.layers.0.self_attn.q_proj"
     reached = []
     handle = tiny_loaded.model.model.layers[1].register_forward_pre_hook(lambda m, a: reached.append(1))
@@ -77,7 +77,7 @@ def test_histogram_cuts_match_the_sparsifier():
 ])
 def test_capture_reaches_a_fused_slice_and_an_expert(family, name, module_path, monkeypatch):
     """A slice of a fused layer gets the fused layer's input; an expert gets only the tokens routed to it."""
-    monkeypatch.setattr(corpora, "load_text", lambda corpus, role="eval", max_chars=None: TEXT)
+    monkeypatch.setattr(activations, "load_text", lambda corpus, role="eval", max_chars=None: TEXT)
     loaded = from_module(make_tiny_family(family), byte_tokenizer())
     sample = capture_input(loaded, name, tokens=64)
     projection = next(p for p in find_projections(loaded.model) if p.name == name)

@@ -351,11 +351,19 @@ def _fake_greedy(calls):
     return fake_greedy
 
 
-def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):
-    import acttail_core.greedy as greedy
+def patch_greedy(monkeypatch, calls: list) -> None:
+    """Replace greedy where the dashboard and the sweep call it (both bind the name when imported)."""
+    import acttail_core.sweep as sweep_module
+    import app.state as app_state
 
+    fake = _fake_greedy(calls)
+    monkeypatch.setattr(app_state, "greedy_budget", fake)
+    monkeypatch.setattr(sweep_module, "greedy_budget", fake)
+
+
+def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):
     calls = []
-    monkeypatch.setattr(greedy, "greedy_budget", _fake_greedy(calls))
+    patch_greedy(monkeypatch, calls)
     at = run_app(tab="Allocation", sparsity="0.61")
     assert "greedy" in at.selectbox(key="method").options
     at.selectbox(key="method").set_value("greedy").run()
@@ -369,9 +377,8 @@ def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):
 
 def test_pinned_budgets_side_by_side_in_the_url_and_evaluated_together(default_loaded, monkeypatch):
     import acttail_core.evaluate as evaluate
-    import acttail_core.greedy as greedy
 
-    monkeypatch.setattr(greedy, "greedy_budget", _fake_greedy([]))
+    patch_greedy(monkeypatch, [])
     at = run_app(tab="Allocation", sparsity="0.55")
     at.button(key="pin_budget").click().run()
     at.slider(key="temperature").set_value(1.0).run()
@@ -447,9 +454,8 @@ def fresh_caches():
 
 def test_quick_perplexity_fills_the_history_with_one_bar_and_estimates(tiny_model_dir, monkeypatch, fresh_caches):
     import acttail_core.evaluate as evaluate
-    import acttail_core.greedy as greedy
 
-    monkeypatch.setattr(greedy, "greedy_budget", _fake_greedy([]))
+    patch_greedy(monkeypatch, [])
     at = run_app(model="local directory", path=str(tiny_model_dir), sparsity="0.6", tab="Evaluate")
     assert_clean(at)
     assert at.title[0].value == "ActTail Explorer · tiny-llama"
