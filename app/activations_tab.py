@@ -28,8 +28,8 @@ def _pickers(ctx: AppContext) -> Optional[Projection]:
         if len(members) <= 1:
             return members[0] if members else None
         labels = [f"expert {p.name.rsplit('.', 2)[-2]}" for p in members]  # "...experts.3.up" -> expert 3
-        if st.session_state.get("act_expert") not in labels:
-            st.session_state["act_expert"] = labels[0]
+        if state.widget("act_expert") not in labels:
+            state.set_widget("act_expert", labels[0])
         picked = st.selectbox("Expert", labels, key="act_expert", bind="query-params", width=150,
                               help=f"{len(members)} experts share this layer and type.")
     return members[labels.index(picked)]
@@ -50,7 +50,7 @@ def render(ctx: AppContext, active: bool = True) -> None:
     if not active:
         return
     if projection is None:
-        st.info(f"Layer {st.session_state['act_layer']} has no {st.session_state['act_type']} projection.")
+        st.info(f"Layer {state.widget('act_layer')} has no {state.widget('act_type')} projection.")
         return
     current = state.active_budget(ctx)
     sparsity = current.budget.sparsity_by_name()[projection.name]

@@ -20,7 +20,7 @@ from app.state import DEFAULT_SPARSITY, DEFAULTS, AppContext, guarded, show_erro
 
 
 def _controls(disabled: bool) -> None:
-    method_now = st.session_state.get("method", DEFAULTS.method)
+    method_now = state.widget("method", DEFAULTS.method)
     with layout.control_row("allocation"):
         st.slider(
             "Global sparsity", 0.0, MAX_TARGET, DEFAULT_SPARSITY, 0.01, key="sparsity", bind="query-params",
@@ -77,10 +77,10 @@ def _upload_box(ctx: AppContext) -> None:
         help="A budget records the fingerprint of the weights it was made for. One made for other weights of the "
         "same architecture (e.g. a fine-tune) is refused unless this is ticked: its alphas were measured elsewhere.",
     )
-    active = st.session_state.get("active_upload")
+    active = state.session.active_upload
     if uploaded is None:
         if active is not None:  # the file was removed: back to the sliders
-            st.session_state.pop("active_upload")
+            del state.session.active_upload
             st.rerun()
         return
     identity = (uploaded.file_id, allow_other, ctx.loaded.fingerprint)
@@ -99,7 +99,7 @@ def _upload_box(ctx: AppContext) -> None:
                "eps": settings.eps, "direction": settings.direction, "group": settings.group}
     if budget.xmin_rule:
         pending["rule"] = budget.xmin_rule
-    st.session_state["active_upload"] = {"name": uploaded.name, "budget": budget, "model": ctx.loaded.fingerprint,
+    state.session.active_upload = {"name": uploaded.name, "budget": budget, "model": ctx.loaded.fingerprint,
                                          "identity": identity}
     state.set_pending(pending)
     st.rerun()
@@ -207,7 +207,7 @@ def allocation_fragment(ctx: AppContext, active: bool) -> None:
             st.toast(f"Pinned {pin.label}" if pin else "Already pinned", icon=":material/push_pin:")
     st.code(state.share_link("Allocation"), language=None, wrap_lines=True)
     elapsed_ms = (time.perf_counter() - started) * 1000
-    st.session_state["allocation_render_ms"] = elapsed_ms
+    state.session.allocation_render_ms = elapsed_ms
     note = _link_note(ctx, upload) + " " if upload else ""
     st.caption(f"{note}Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
 

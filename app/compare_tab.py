@@ -46,14 +46,14 @@ def _pin_controls(ctx: AppContext) -> None:
         help="Budgets written by this tool for this model; each valid file is pinned (a bad one is refused with one "
         "line, and nothing else changes). Files cannot travel in a link.",
     )
-    seen = st.session_state.setdefault("cmp_files_seen", set())
+    seen = state.session.compare_files_seen
     for file in files or []:
         if file.file_id in seen:
             continue
         seen.add(file.file_id)
         try:
             budget = load_budget(file.getvalue(), projections=ctx.projections, fingerprint=ctx.loaded.fingerprint,
-                                 allow_other_weights=st.session_state.get("allow_other_weights", False))
+                                 allow_other_weights=state.widget("allow_other_weights", False))
         except ActTailError as error:
             show_error(error, f"Not pinned: {file.name}")
             continue
@@ -83,8 +83,8 @@ def _evaluate_pins(ctx: AppContext, pinned: list[pins.Pin]) -> None:
         runs += [(pin.label, pin.budget) for pin in pinned]
         rows = evaluate_tab.run_budgets(ctx, runs, kind="compare")
         if rows:
-            st.session_state["compare_rows"] = rows
-    rows = st.session_state.get("compare_rows")
+            state.session.compare_rows = rows
+    rows = state.session.compare_rows
     if rows and rows[0].get("model") == ctx.loaded.name:
         frame = pd.DataFrame(rows)
         with layout.chart_row("compare-results"):

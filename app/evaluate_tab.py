@@ -40,8 +40,8 @@ def corpus_choices() -> list[str]:
 
 
 def _next_run() -> int:
-    st.session_state["run_counter"] = st.session_state.get("run_counter", 0) + 1
-    return st.session_state["run_counter"]
+    state.session.run_counter += 1
+    return state.session.run_counter
 
 
 def _common(ctx: AppContext, run: int, kind: str) -> dict[str, Any]:
@@ -56,11 +56,11 @@ def _common(ctx: AppContext, run: int, kind: str) -> dict[str, Any]:
 
 def _eval_settings() -> tuple[str, int, str]:
     """(corpus, tokens, mode) as set in this tab's widgets (also used by the Compare tab)."""
-    corpus = st.session_state.get("eval_corpus", "demo")
+    corpus = state.widget("eval_corpus", "demo")
     if corpus == TEXT_FILE:
-        corpus = (st.session_state.get("eval_corpus_path") or "").strip()
-    tokens = int(st.session_state.get("eval_tokens", CPU_DEFAULT_TOKENS))
-    return corpus, tokens, st.session_state.get("eval_mode", "topk")
+        corpus = (state.widget("eval_corpus_path") or "").strip()
+    tokens = int(state.widget("eval_tokens", CPU_DEFAULT_TOKENS))
+    return corpus, tokens, state.widget("eval_mode", "topk")
 
 
 def _speed_key(ctx: AppContext, mode: str) -> tuple:
@@ -117,7 +117,7 @@ def run_budgets(ctx: AppContext, runs: Sequence[tuple[str, Optional[Budget]]], k
 def _record(ctx: AppContext, mode: str, rows: list[dict]) -> None:
     state.speed_log().setdefault(_speed_key(ctx, mode), []).extend(r for r in rows if not r.get("cached"))
     history().extend(rows)
-    st.session_state["latest_run"] = rows
+    state.session.latest_run = rows
 
 
 def _quick_runs(ctx: AppContext, with_greedy: bool) -> list[tuple[str, Optional[Budget]]]:
@@ -178,7 +178,7 @@ def _sweep_box(ctx: AppContext, active: bool) -> None:
         st.caption(estimate(ctx, tokens, ("dense" in methods) + per_target * len(targets), mode))
         if st.button("Run sweep", key="run_sweep", icon=":material/show_chart:"):
             _run_sweep(ctx, targets, methods, corpus, tokens, mode)
-        latest = st.session_state.get("latest_sweep")
+        latest = state.session.latest_sweep
         if latest and latest[0].get("model") == ctx.loaded.name:
             _show_sweep(latest)
 
@@ -206,7 +206,7 @@ def _run_sweep(ctx: AppContext, targets: list[float], methods: list[str], corpus
         row.update(result)
         rows.append(row)
     _record(ctx, mode, rows)
-    st.session_state["latest_sweep"] = rows
+    state.session.latest_sweep = rows
 
 
 def _show_sweep(rows: list[dict]) -> None:
@@ -278,10 +278,10 @@ def _run_throughput(ctx: AppContext, prompt_len: int, new_tokens: int, repeats: 
         row.update({"label": label, "mode": mode, "target_sparsity": None if budget is None else target,
                     "short_label": "dense" if budget is None else f"{result.method} @ {target:.2f}"})
         rows.append(row)
-    st.session_state["latest_throughput"] = {"rows": rows, "note": evaluate.noise_note(results),
+    state.session.latest_throughput = {"rows": rows, "note": evaluate.noise_note(results),
                                              "paths": evaluate.throughput_note(results)}
     history().extend(rows)
-    st.session_state["latest_run"] = rows
+    state.session.latest_run = rows
 
 
 def _show_perplexity(rows: list[dict]) -> None:
@@ -344,9 +344,8 @@ def _show_history() -> None:
             key="download_history_json", icon=":material/download:",
         )
         if st.button("Clear history", key="clear_history", help="Forget this session's runs."):
-            st.session_state["run_history"] = []
-            for key in ("latest_run", "latest_sweep", "latest_throughput"):
-                st.session_state.pop(key, None)
+            state.session.run_history = []
+            del state.session.latest_run, state.session.latest_sweep, state.session.latest_throughput
             st.rerun(scope="fragment")
 
 
@@ -391,10 +390,10 @@ def evaluate_fragment(ctx: AppContext, active: bool) -> None:
     _throughput_box(ctx, on_gpu, active)
     if not active:
         return
-    latest = st.session_state.get("latest_run")
+    latest = state.session.latest_run
     if latest and latest[0].get("kind") == "perplexity":
         _show_perplexity(latest)
-    throughput = st.session_state.get("latest_throughput")
+    throughput = state.session.latest_throughput
     if throughput:
         _show_throughput(throughput)
     _show_history()

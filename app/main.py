@@ -98,7 +98,7 @@ def main() -> None:
     model_bar()
     notices = st.container()  # model-load progress and errors: at the top, where they are seen
     request = state.model_request_from_state()
-    rule = st.session_state.get("rule", DEFAULT_RULE)
+    rule = state.widget("rule", DEFAULT_RULE)
     if request is None:
         notices.info("Enter a path or hub id in the model bar and press Enter to load it.")
         ctx = state.last_good_context(rule)

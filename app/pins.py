@@ -54,7 +54,7 @@ def parse_token(token: str) -> tuple[float, AllocationSettings, Optional[str]]:
 
 
 def pins() -> list[Pin]:
-    return st.session_state.setdefault("pins", [])
+    return state.session.pins
 
 
 def pins_for(ctx: AppContext) -> list[Pin]:
@@ -84,14 +84,14 @@ def add(ctx: AppContext, budget: Budget, name: Optional[str] = None) -> Optional
 
 def keep_only(ctx: AppContext, labels: list[str]) -> None:
     """Unpin this model's budgets whose labels are not in ``labels``."""
-    st.session_state["pins"] = [pin for pin in pins() if pin.model != ctx.loaded.fingerprint or pin.label in labels]
+    state.session.pins = [pin for pin in pins() if pin.model != ctx.loaded.fingerprint or pin.label in labels]
     _sync_url()
 
 
 def restore_from_url(ctx: AppContext) -> Optional[str]:
     """Rebuild the pins named in the page URL once per session and model; an error message if some could not be."""
     tokens = [t for t in st.query_params.get(URL_PARAM, "").split(",") if t]
-    done = st.session_state.setdefault("pins_restored", set())
+    done = state.session.pins_restored
     if not tokens or ctx.loaded.fingerprint in done:
         return None
     done.add(ctx.loaded.fingerprint)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import streamlit as st
 
 from acttail_core.spectra import ProjectionSpectrum
-from app import charts, layout
+from app import charts, layout, state
 from app.state import AppContext, guarded
 
 
@@ -41,8 +41,8 @@ def _pick_expert(members: list[ProjectionSpectrum]) -> Optional[ProjectionSpectr
     if len(members) <= 1:
         return members[0] if members else None
     labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
-    if st.session_state.get("esd_expert") not in labels:
-        st.session_state["esd_expert"] = labels[0]
+    if state.widget("esd_expert") not in labels:
+        state.set_widget("esd_expert", labels[0])
     picked = st.selectbox("Expert", labels, key="esd_expert", bind="query-params", width=150,
                           help=f"{len(members)} experts in this cell; the heatmap shows their mean alpha.")
     return members[labels.index(picked)]
@@ -61,18 +61,19 @@ def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
 
     # Apply a click before drawing, so the pickers and the highlighted cell follow it in this same run;
     # only once per click, so the pickers stay usable afterwards.
-    clicked = _selected_cell(st.session_state.get("alpha_heatmap"))
-    if clicked is not None and clicked != st.session_state.get("_applied_click") and clicked in by_cell:
-        st.session_state["esd_layer"], st.session_state["esd_type"] = clicked
-        st.session_state["_applied_click"] = clicked
-    if st.session_state.get("esd_layer") not in layers:
-        st.session_state["esd_layer"] = layers[0]
-    if st.session_state.get("esd_type") not in types:
-        st.session_state["esd_type"] = types[0]
+    clicked = _selected_cell(state.widget("alpha_heatmap"))
+    if clicked is not None and clicked != state.session.applied_click and clicked in by_cell:
+        state.set_widget("esd_layer", clicked[0])
+        state.set_widget("esd_type", clicked[1])
+        state.session.applied_click = clicked
+    if state.widget("esd_layer") not in layers:
+        state.set_widget("esd_layer", layers[0])
+    if state.widget("esd_type") not in types:
+        state.set_widget("esd_type", types[0])
     if not active:  # keep the pickers (and so the URL's choice) alive; draw nothing costly
         _pick_expert(by_cell.get(_pickers(layers, types), []))
         return
-    highlight = (st.session_state["esd_layer"], st.session_state["esd_type"])
+    highlight = (state.widget("esd_layer"), state.widget("esd_type"))
     with layout.chart_row("spectra"):
         layout.show_chart(
             charts.alpha_heatmap(spectra, highlight),

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, TypeVar
+from typing import Any, Callable, Generic, Hashable, Optional, TypeVar
 from urllib.parse import urlencode
 
 import streamlit as st
@@ -54,6 +54,78 @@ URL_KEYS = (
     "eval_corpus", "eval_tokens", "eval_mode", "eval_greedy", "sweep_methods", "sweep_grid",
     "tp_prompt", "tp_new", "tp_repeats",
 )
+
+
+# --------------------------------------------------------------------------- the session's own values
+
+V = TypeVar("V")
+
+
+class _Stored(Generic[V]):
+    """One value the session keeps besides widget values: read (``default()`` the first time), set, deleted."""
+
+    def __init__(self, default: Callable[[], V], key: Optional[str] = None) -> None:
+        self.default, self.key = default, key
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = self.key or name
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> V:
+        if self.key not in st.session_state:
+            st.session_state[self.key] = self.default()
+        return st.session_state[self.key]
+
+    def __set__(self, obj: Any, value: V) -> None:
+        st.session_state[self.key] = value
+
+    def __delete__(self, obj: Any) -> None:
+        st.session_state.pop(self.key, None)
+
+
+def _none() -> None:
+    return None
+
+
+class Session:
+    """Everything the dashboard keeps in ``st.session_state`` besides widget values, typed, in one place.
+
+    Widget values live under their widgets' keys, which are also the URL's parameter names (``URL_KEYS``),
+    and are read with ``widget()``. The ``current_*`` values are what the page shows, for whoever inspects
+    the session (the tests; a notebook driving the app).
+    """
+
+    run_history: _Stored[list[dict]] = _Stored(list)  # every evaluation run, oldest first
+    run_counter: _Stored[int] = _Stored(int)
+    latest_run: _Stored[Optional[list[dict]]] = _Stored(_none)
+    latest_sweep: _Stored[Optional[list[dict]]] = _Stored(_none)
+    latest_throughput: _Stored[Optional[dict]] = _Stored(_none)
+    compare_rows: _Stored[Optional[list[dict]]] = _Stored(_none)
+    pins: _Stored[list] = _Stored(list)  # pinned budgets (app.pins.Pin)
+    pins_restored: _Stored[set] = _Stored(set)
+    compare_files_seen: _Stored[set] = _Stored(set, key="cmp_files_seen")
+    active_upload: _Stored[Optional[dict]] = _Stored(_none)  # {"name", "budget", "model", ...}
+    last_good_request: _Stored[Optional["ModelRequest"]] = _Stored(_none)
+    last_good_rule: _Stored[Optional[str]] = _Stored(_none)
+    path_typed: _Stored[bool] = _Stored(bool)
+    pending_settings: _Stored[dict] = _Stored(dict, key="_pending_settings")
+    applied_click: _Stored[Optional[tuple]] = _Stored(_none, key="_applied_click")
+    allocation_render_ms: _Stored[Optional[float]] = _Stored(_none)
+    current_budget: _Stored[Optional[Budget]] = _Stored(_none)
+    current_label: _Stored[Optional[str]] = _Stored(_none)
+    current_target: _Stored[Optional[float]] = _Stored(_none)
+
+
+session = Session()
+
+
+def widget(key: str, default: Any = None) -> Any:
+    """A widget's value (its key is its URL parameter), or ``default`` before the widget has been drawn."""
+    return st.session_state.get(key, default)
+
+
+def set_widget(key: str, value: Any) -> None:
+    """Set a widget's value; only before the widget is drawn in this run (Streamlit refuses it after)."""
+    st.session_state[key] = value
 
 
 def gpu_available() -> bool:
@@ -319,42 +391,42 @@ def load_context(request: ModelRequest, rule: str, notices: Any) -> tuple[Option
 
 def last_good_context(rule: str) -> Optional[AppContext]:
     """The last model this session loaded, if it is still in memory (the fallback after a failed load)."""
-    request = st.session_state.get("last_good_request")
+    request = session.last_good_request
     loaded = cached_model(request) if request is not None else None
     if loaded is None:
         return None
-    spectra = cached_spectra(loaded, rule) or cached_spectra(loaded, st.session_state.get("last_good_rule", rule))
+    spectra = cached_spectra(loaded, rule) or cached_spectra(loaded, session.last_good_rule or rule)
     if spectra is None:
         return None
     return AppContext(request=request, loaded=loaded, spectra=spectra, projections=spectra.projections())
 
 
 def remember_good(ctx: AppContext) -> None:
-    st.session_state["last_good_request"] = ctx.request
-    st.session_state["last_good_rule"] = ctx.spectra.rule
+    session.last_good_request = ctx.request
+    session.last_good_rule = ctx.spectra.rule
 
 
 def mark_path_typed() -> None:
     """``on_change`` of the path box: a path typed here may be echoed in errors, one from a link not."""
-    st.session_state["path_typed"] = True
+    session.path_typed = True
 
 
 def path_from_link() -> bool:
     """Whether the model path came from the page URL (a shared link) rather than from typing in this session."""
-    return st.session_state.get("model") in MODEL_CHOICES_WITH_PATH and not st.session_state.get("path_typed", False)
+    return widget("model") in MODEL_CHOICES_WITH_PATH and not session.path_typed
 
 
 def model_request_from_state() -> Optional[ModelRequest]:
     """The ``ModelRequest`` the model bar describes, or None while a path is still empty."""
-    choice = st.session_state.get("model", "default")
+    choice = widget("model", "default")
     if choice in MODEL_CHOICES_WITH_PATH:
-        ref = (st.session_state.get("path") or "").strip()
+        ref = (widget("path") or "").strip()
         if not ref:
             return None
     else:
         ref = choice
-    return ModelRequest(ref=ref, dtype=st.session_state.get("dtype", "auto"),
-                        device=st.session_state.get("device", device_choices()[0]))
+    return ModelRequest(ref=ref, dtype=widget("dtype", "auto"),
+                        device=widget("device", device_choices()[0]))
 
 
 # --------------------------------------------------------------------------- the budget in effect
@@ -362,26 +434,27 @@ def model_request_from_state() -> Optional[ModelRequest]:
 
 def set_pending(values: dict) -> None:
     """Widget values to set at the start of the next run (a widget's value cannot change once it is drawn)."""
-    st.session_state["_pending_settings"] = values
+    session.pending_settings = values
 
 
 def apply_pending() -> None:
     """Write the values ``set_pending`` asked for into their widgets' keys, before any widget of this run exists."""
-    for key, value in st.session_state.pop("_pending_settings", {}).items():
-        st.session_state[key] = value
+    pending = session.pending_settings
+    del session.pending_settings
+    for key, value in pending.items():
+        set_widget(key, value)
 
 
 def settings_from_state() -> tuple[float, AllocationSettings]:
     """The target sparsity and AllocationSettings the widgets describe (widget keys are the URL's parameter names)."""
-    state = st.session_state
     settings = AllocationSettings(
-        method=state.get("method", DEFAULTS.method),
-        temperature=float(state.get("temperature", DEFAULTS.temperature)),
-        eps=float(state.get("eps", DEFAULTS.eps)),
-        direction=state.get("direction", DEFAULTS.direction),
-        group=state.get("group", DEFAULTS.group),
+        method=widget("method", DEFAULTS.method),
+        temperature=float(widget("temperature", DEFAULTS.temperature)),
+        eps=float(widget("eps", DEFAULTS.eps)),
+        direction=widget("direction", DEFAULTS.direction),
+        group=widget("group", DEFAULTS.group),
     )
-    return float(state.get("sparsity", DEFAULT_SPARSITY)), settings
+    return float(widget("sparsity", DEFAULT_SPARSITY)), settings
 
 
 def budget_for(ctx: AppContext, target: float, settings: AllocationSettings, progress: Optional[ProgressFn] = None,
@@ -409,7 +482,7 @@ def uniform_for(ctx: AppContext, target: float) -> Budget:
 
 def active_upload(ctx: AppContext) -> Optional[dict]:
     """The uploaded budget in effect for this model, if any (``{"name", "budget"}``)."""
-    upload = st.session_state.get("active_upload")
+    upload = session.active_upload
     if upload and upload.get("model") == ctx.loaded.fingerprint:
         return upload
     return None
@@ -424,18 +497,16 @@ def active_budget(ctx: AppContext, progress: Optional[ProgressFn] = None) -> Act
         target, settings = settings_from_state()
         budget = budget_for(ctx, target, settings, progress)
         current = ActiveBudget(budget, describe(budget), uploaded=False)
-    # For whoever inspects the session (the tests; a notebook driving the app): what the page shows.
-    st.session_state.update(current_budget=current.budget, current_label=current.label,
-                            current_target=current.budget.target_sparsity)
+    session.current_budget, session.current_label = current.budget, current.label
+    session.current_target = current.budget.target_sparsity
     return current
 
 
 def share_link(tab: str) -> str:
     """A URL with every view setting spelled out (the live URL omits settings left at their defaults)."""
-    state = st.session_state
     params: dict[str, Any] = {}
     for key in URL_KEYS:
-        value = state.get(key)
+        value = widget(key)
         if value in (None, "", []):
             continue
         params[key] = list(value) if isinstance(value, (list, tuple)) else value  # repeated, as Streamlit binds them
@@ -449,7 +520,7 @@ def share_link(tab: str) -> str:
 
 def history() -> list[dict]:
     """The session's evaluation runs, oldest first (one row per method per run)."""
-    return st.session_state.setdefault("run_history", [])
+    return session.run_history
 
 
 def projection_table(projections: list[Projection]):
