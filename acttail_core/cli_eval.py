@@ -34,15 +34,20 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     add_allocation_arguments(parser)
-    parser.add_argument("--budget", default=None, help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
+    parser.add_argument("--budget", default=None,
+                        help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
     parser.add_argument("--allow-other-weights", action="store_true",
                         help="use a --budget made for other weights of the same architecture (refused by default)")
     parser.add_argument("--spectra", default=None, help="spectra JSON to allocate from instead of computing it")
-    parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES, help="topk (ActTail) or threshold (TEAL-style, calibrated)")
-    parser.add_argument("--calib-corpus", default=None, help="threshold mode: calibration text (default: the corpus's own calibration file)")
-    parser.add_argument("--calib-tokens", type=int, default=None, help="threshold mode: calibration tokens (default 4096)")
+    parser.add_argument("--mode", default="topk", choices=SPARSITY_MODES,
+                        help="topk (ActTail) or threshold (TEAL-style, calibrated)")
+    parser.add_argument("--calib-corpus", default=None,
+                        help="threshold mode: calibration text (default: the corpus's own calibration file)")
+    parser.add_argument("--calib-tokens", type=int, default=None,
+                        help="threshold mode: calibration tokens (default 4096)")
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="include the dense model")
-    parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True, help="include uniform at the budget's effective sparsity")
+    parser.add_argument("--uniform", action=argparse.BooleanOptionalAction, default=True,
+                        help="include uniform at the budget's effective sparsity")
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
 
 
@@ -100,7 +105,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="demo", help="demo | demo:NAME | wikitext2 | path to a text file")
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per chunk (default: min(2048, model context))")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (quick checks)")
-    parser.add_argument("--batch-size", type=int, default=None, help="chunks per forward (default: 1 on CPU, as many as fit on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="chunks per forward (default: 1 on CPU, as many as fit on CUDA)")
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -152,15 +158,21 @@ def _eval_run(args: argparse.Namespace) -> int:
         seqlen = default_seqlen(loaded)
     print_table(
         frame.round({"sparsity": 4, "ppl": 3, "nll": 4, "realized_sparsity": 4, "seconds": 2}),
-        f"{loaded.name} on {args.corpus}: {args.mode} sparsity, {results[-1].tokens} tokens scored in {seqlen}-token chunks "
+        f"{loaded.name} on {args.corpus}: {args.mode} sparsity, {results[-1].tokens} tokens scored "
+        f"in {seqlen}-token chunks "
         f"({PPL_CONVENTION})",
     )
     for result in results:
         if result.method != "dense":
             name, gap = result.worst_projection()
-            print(f"{result.method}: realized sparsity of every projection measured; furthest from its budget: {name} ({gap:+.4f})")
+            print(
+                f"{result.method}: realized sparsity of every projection measured; "
+                f"furthest from its budget: {name} ({gap:+.4f})"
+            )
     if args.out:
-        config = _config(args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens)
+        config = _config(
+            args, loaded, budget, corpus=args.corpus, calib_corpus=calib, seqlen=seqlen, max_tokens=args.max_tokens
+        )
         config["ppl_convention"] = PPL_CONVENTION
         path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
@@ -195,7 +207,9 @@ def _bench_run(args: argparse.Namespace) -> int:
         from .thresholds import calibrate_thresholds
 
         kwargs = {} if args.calib_tokens is None else {"max_tokens": args.calib_tokens}
-        calibration = calibrate_thresholds(loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"), **kwargs)
+        calibration = calibrate_thresholds(
+            loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"), **kwargs
+        )
     results = throughput(
         loaded,
         budgets,
@@ -221,7 +235,9 @@ def _bench_run(args: argparse.Namespace) -> int:
     note = " ".join(filter(None, [throughput_note(results), noise_note(results)]))
     print(f"note: {note}")
     if args.out:
-        config = _config(args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+        config = _config(
+            args, loaded, budget, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats
+        )
         config["note"] = note
         path = write_json(args.out, {"config": config, "runs": [r.as_dict() for r in results]})
         print(f"wrote {path}")
@@ -232,7 +248,8 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="model to convert and analyse once (default: the packaged SmolLM2)")
+    parser.add_argument("--model", default="default",
+                        help="model to convert and analyse once (default: the packaged SmolLM2)")
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
@@ -252,4 +269,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
 
 register("eval", "perplexity of dense, uniform and budgeted sparsity", _eval_arguments, _eval_run)
 register("bench", "prefill and decode tokens/s of dense, uniform and budgeted sparsity", _bench_arguments, _bench_run)
-register("prepare", "convert the default model, fetch the demo corpus, cache its spectra (setup)", _prepare_arguments, _prepare_run)
+register(
+    "prepare", "convert the default model, fetch the demo corpus, cache its spectra (setup)",
+    _prepare_arguments, _prepare_run,
+)

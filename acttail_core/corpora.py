@@ -78,15 +78,21 @@ def demo_problem(folder: Path) -> Optional[str]:
 
 def _download_sdist(dest: Path) -> Path:
     """``pip download`` the brotli sdist into ``dest`` (our own interpreter's pip, no install)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", DEMO_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", DEMO_REQUIREMENT, "-d", str(dest)
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CorpusError(f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip: {type(exc).__name__}") from None
+        raise CorpusError(
+            f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip: {type(exc).__name__}"
+        ) from None
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
         why = lines[-1] if lines else f"pip exited with {done.returncode}"
-        raise CorpusError(f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip (needs access to PyPI): {why}")
+        raise CorpusError(
+            f"could not download the demo corpus ({DEMO_REQUIREMENT}) with pip (needs access to PyPI): {why}"
+        )
     path = dest / DEMO_SDIST
     if not path.is_file():
         raise CorpusError(f"pip download did not produce {DEMO_SDIST}")
@@ -97,7 +103,9 @@ def _extract(sdist: Path, folder: Path) -> None:
     """Copy the four text members out of the tarball (no general extraction: no path tricks)."""
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != DEMO_SDIST_SHA256:
-        raise CorpusError(f"downloaded {DEMO_SDIST} has sha256 {digest[:12]}..., expected {DEMO_SDIST_SHA256[:12]}...; refusing it")
+        raise CorpusError(
+            f"downloaded {DEMO_SDIST} has sha256 {digest[:12]}..., expected {DEMO_SDIST_SHA256[:12]}...; refusing it"
+        )
     try:
         with tarfile.open(sdist, "r:gz") as archive:
             for name in DEMO_FILES:
@@ -150,7 +158,9 @@ def _wikitext2(role: str) -> str:
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise CorpusError("the wikitext2 corpus needs the `datasets` package: pip install datasets (or use the demo text)") from None
+        raise CorpusError(
+            "the wikitext2 corpus needs the `datasets` package: pip install datasets (or use the demo text)"
+        ) from None
 
     try:
         if hub_reachable():
@@ -210,7 +220,8 @@ def load_text(corpus: str, role: str = "eval", max_chars: Optional[int] = None) 
             raise CorpusError(f"corpus {corpus!r} not found: use demo, demo:NAME, wikitext2 or a path to a text file")
         if role == "calibration":
             raise CorpusError(
-                f"{corpus} is the evaluation text; threshold calibration needs a different text: choose {setting('calib_corpus')} (e.g. demo)"
+                f"{corpus} is the evaluation text; threshold calibration needs a different text: "
+                f"choose {setting('calib_corpus')} (e.g. demo)"
             )
         text = _read_file(path, max_chars)
     if max_chars is not None:
@@ -242,7 +253,9 @@ def default_calibration_corpus(corpus: str) -> str:
         return corpus
     if corpus.startswith("demo:"):
         return "demo:alice29" if corpus.split(":", 1)[1] == DEMO_ROLES["calibration"] else "demo"
-    raise CorpusError(f"threshold mode needs calibration text other than {corpus}: choose {setting('calib_corpus')} (e.g. demo)")
+    raise CorpusError(
+        f"threshold mode needs calibration text other than {corpus}: choose {setting('calib_corpus')} (e.g. demo)"
+    )
 
 
 def same_text(eval_corpus: str, calib_corpus: str) -> bool:

@@ -111,7 +111,9 @@ def support(model: nn.Module) -> tuple[bool, str]:
         return False, "decoder layers do not have the Llama-style self_attn / mlp projections"
     if any(getattr(mlp, n, None) is None for n in ("gate_proj", "up_proj", "down_proj")):
         return False, "the MLP is not gated (gate_proj / up_proj / down_proj)"
-    if attn.o_proj.bias is not None or any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+    if attn.o_proj.bias is not None or any(
+        getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")
+    ):
         return False, "o_proj or the MLP has a bias, which the fused step does not add"
     head_dim = attn.head_dim
     if head_dim & (head_dim - 1):
@@ -293,7 +295,11 @@ class Decoder:
         tables: dict = {}
         self.rope = []
         for index in range(len(self.layers)):
-            key = layer_types[index] if "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters else None
+            key = (
+                layer_types[index]
+                if "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+                else None
+            )
             if key not in tables:
                 tables[key] = _cos_sin(self.base, key, max_len, self.dtype, self.device)
             self.rope.append(tables[key])
@@ -322,7 +328,9 @@ class Decoder:
         if self.kind != "dense":
             self.params = budget_params(loaded, budget, mode, thresholds).to(dev)
         if self.kind == "masked":  # every projection's own masked input
-            self.masked = {g: torch.zeros(len(w), batch, inputs[g], dtype=dt, device=dev) for g, w in self.widths.items()}
+            self.masked = {
+                g: torch.zeros(len(w), batch, inputs[g], dtype=dt, device=dev) for g, w in self.widths.items()
+            }
         if self.kind == "gather":
             keeps = budget_params(loaded, budget, "topk", None)  # the rows the budget expects each projection to read
             self.lists = {g: CompactLists(len(types), batch, inputs[g], dt, dev) for g, types in GROUPS}
@@ -360,7 +368,10 @@ class Decoder:
         modules = _projection_modules(self.layers[layer])
         types = dict(GROUPS)[group]
         inputs = list(self.masked[group]) if self.kind == "masked" else [x] * len(types)
-        quads = [(source, modules[t].weight, modules[t].bias, out) for t, source, out in zip(types, inputs, self.parts[group])]
+        quads = [
+            (source, modules[t].weight, modules[t].bias, out)
+            for t, source, out in zip(types, inputs, self.parts[group])
+        ]
 
         def dense() -> None:  # the bias inside the GEMM, rounded once, as nn.Linear does
             for source, weight, bias, out in quads:
@@ -398,7 +409,8 @@ class Decoder:
             attention = partial(
                 decode_attention, q=q, k=k, v=v, k_cache=self.k_cache[index], v_cache=self.v_cache[index],
                 out=self.attn_out, pos=self.pos, cos=cos, sin=sin, scale=attn.scaling, n_heads=self.n_heads,
-                window=self.windows[index], **self._qkv_biases(attn), q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                window=self.windows[index], **self._qkv_biases(attn),
+                q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                 k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None, eps=self.eps, style=fam.norm_style,
             )
             gate, up = self.parts["gate_up"]
@@ -474,7 +486,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Feed ``self.tokens`` at the current position; afterwards ``tokens`` holds the argmax, ``logits`` the logits."""
+        """Feed ``self.tokens`` at the current position; afterwards ``tokens`` holds the argmax,
+        ``logits`` the logits."""
         if self._host_pos >= self.max_len:
             raise ActTailError(f"the sequence is full: max_len {self.max_len} tokens")
         self._host_pos += 1

@@ -157,7 +157,9 @@ def _chunk_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch, use_cache=False).logits
     sums = []
     for row in range(batch.shape[0]):  # one row at a time bounds the float32 copy of the logits
-        sums.append(F.cross_entropy(logits[row, :-1].float(), batch[row, 1:].to(logits.device), reduction="sum").double())
+        sums.append(
+            F.cross_entropy(logits[row, :-1].float(), batch[row, 1:].to(logits.device), reduction="sum").double()
+        )
     return torch.stack(sums).cpu()
 
 
@@ -191,7 +193,8 @@ def _nll_batches(
                 torch.cuda.empty_cache()
             if batch_size == 1:
                 raise ActTailError(
-                    f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; lower {setting('seqlen')} or use {setting('dtype')} bfloat16"
+                    f"CUDA out of memory even at batch size 1 with {seqlen}-token chunks; "
+                    f"lower {setting('seqlen')} or use {setting('dtype')} bfloat16"
                 ) from None
             batch_size //= 2
             log.info("CUDA out of memory; retrying with batch size %d", batch_size)
@@ -437,7 +440,9 @@ def throughput(
         )
     limit = model_max_length(loaded)
     if limit and prompt_len + new_tokens + 1 > limit:
-        raise ActTailError(f"{setting('prompt_len')} + {setting('new_tokens')} exceeds the model's context length {limit}")
+        raise ActTailError(
+            f"{setting('prompt_len')} + {setting('new_tokens')} exceeds the model's context length {limit}"
+        )
     if mode == "threshold" and calibration is None and any(b is not None for b in budgets):
 
         calibration = calibrate_thresholds(loaded, "demo", progress=progress)
@@ -465,7 +470,8 @@ def throughput(
                     if not _is_oom(exc):
                         raise
                     raise ActTailError(
-                        f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; lower {setting('prompt_len')}"
+                        f"CUDA out of memory at batch {batch} with a {prompt_len}-token prompt; "
+                        f"lower {setting('prompt_len')}"
                     ) from None
             if round_ > 0:
                 prefill[i].append(batch * prompt_len / seconds[0])

@@ -148,7 +148,9 @@ def check_device(device: str) -> None:
         return
     if device in ("cuda", "auto") or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible to torch; set {setting('device')} to cpu")
+            raise ModelLoadError(
+                f"device {device!r} asked for, but no CUDA GPU is visible to torch; set {setting('device')} to cpu"
+            )
         return
     raise ModelLoadError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto")
 
@@ -314,7 +316,9 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
         return str(path), True
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ref, False
-    raise ModelLoadError(f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id")
+    raise ModelLoadError(
+        f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id"
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -381,4 +385,6 @@ def from_module(model: torch.nn.Module, tokenizer: Any = None, name: str = "in-m
     """Wrap an already-built model (tests, notebooks) in a ``LoadedModel``."""
     param = next(model.parameters())
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=name, device=str(param.device), dtype=param.dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, source=name, device=str(param.device), dtype=param.dtype
+    )

@@ -131,7 +131,8 @@ class SparsityStats:
 
         realized = self.per_projection()
         rows = [
-            {"name": n, "target": self.targets.get(n, 0.0), "realized": s, "params": self.params[n]} for n, s in realized.items()
+            {"name": n, "target": self.targets.get(n, 0.0), "realized": s, "params": self.params[n]}
+            for n, s in realized.items()
         ]
         return pd.DataFrame(rows)
 
@@ -210,7 +211,9 @@ class _Masker:
             elif (impl := self._impl(x)) == "triton":
                 fused = _triton_topk()
                 if fused is None:
-                    raise ActTailError("topk_impl='triton' needs a CUDA GPU, the triton package and acttail_core.triton_topk")
+                    raise ActTailError(
+                        "topk_impl='triton' needs a CUDA GPU, the triton package and acttail_core.triton_topk"
+                    )
                 out = fused(x, rule.keep)
             else:
                 a = cache.get("abs")
@@ -245,7 +248,8 @@ def _rules(
         if mode == "threshold" and entry.sparsity > 0:
             if thresholds is None or entry.name not in thresholds:
                 raise ActTailError(
-                    f"threshold mode needs a calibrated threshold for {entry.name}; use calibrate_thresholds(...).thresholds_for(budget)"
+                    f"threshold mode needs a calibrated threshold for {entry.name}; "
+                    f"use calibrate_thresholds(...).thresholds_for(budget)"
                 )
             threshold = float(thresholds[entry.name])
             if not np.isfinite(threshold) or threshold < 0:

@@ -290,10 +290,14 @@ def compute_spectra(
     if (device or str(first.device)).startswith("cuda"):
         fit_device = device or str(first.device)
     with few_threads_for_small(projections, torch.device(fit_device)):
-        spectra = spectra_from_eigenvalues(projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress)
+        spectra = spectra_from_eigenvalues(
+            projections, eigenvalues, rule, loaded.name, fingerprint, fit_device, progress
+        )
     if backend == "weightwatcher":
         for entry, fit in zip(spectra.entries, weightwatcher_fits(loaded.model, projections)):
-            entry.alpha, entry.xmin, entry.tail_size, entry.ks_distance = fit.alpha, fit.xmin, fit.tail_size, fit.ks_distance
+            entry.alpha, entry.xmin, entry.tail_size, entry.ks_distance = (
+                fit.alpha, fit.xmin, fit.tail_size, fit.ks_distance
+            )
         spectra.backend = "weightwatcher"
     if use_cache:
         try:

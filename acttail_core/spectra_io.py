@@ -104,7 +104,9 @@ def _parse(raw: bytes, path: Path) -> Spectra:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpectraError(f"corrupt spectra file {path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+        raise SpectraError(
+            f"corrupt spectra file {path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+        ) from exc
     except (ValueError, RecursionError) as exc:  # absurd numbers or nesting
         raise SpectraError(f"corrupt spectra file {path}: {type(exc).__name__}") from None
     if not isinstance(data, dict):

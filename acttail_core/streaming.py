@@ -331,7 +331,9 @@ def spectra_of(
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "weightwatcher":
-        raise ActTailError(f"{setting('backend')} weightwatcher needs every weight in memory; this model is partly offloaded")
+        raise ActTailError(
+            f"{setting('backend')} weightwatcher needs every weight in memory; this model is partly offloaded"
+        )
     if not Path(loaded.source).is_dir():
         raise ActTailError(f"{loaded.name} is partly offloaded and not a local directory, so it cannot be streamed")
     dtype = str(loaded.dtype).replace("torch.", "")

@@ -157,7 +157,8 @@ def calibrate_on_chunks(
     seed: int = 0,
     progress: Optional[ProgressFn] = None,
 ) -> ThresholdTable:
-    """Run the dense model over ``chunks`` ([n, seqlen] token ids), one chunk per forward, and tabulate |x| quantiles."""
+    """Run the dense model over ``chunks`` ([n, seqlen] token ids), one chunk per forward,
+    and tabulate |x| quantiles."""
     projections = list(projections or find_projections(model))
     n_chunks = int(chunks.shape[0])
     per_call = max(1, -(-samples // n_chunks))
@@ -184,7 +185,8 @@ def calibrate_on_chunks(
         values = torch.cat(collected[p.name]).double()
         rows.append(torch.quantile(values, grid).float().numpy())
     return ThresholdTable(
-        fingerprint, corpus, n_chunks * int(chunks.shape[1]), [p.name for p in projections], np.stack(rows), chunks.clone()
+        fingerprint, corpus, n_chunks * int(chunks.shape[1]), [p.name for p in projections], np.stack(rows),
+        chunks.clone(),
     )
 
 
