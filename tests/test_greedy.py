@@ -91,3 +91,86 @@ def test_tiny_model_budget_and_cache(tiny_loaded, tmp_path, monkeypatch) -> None
     assert np.all(curves.errors[:, 0] == 0) and np.all(curves.errors[:, -1] > curves.errors[:, 1])
     # more inputs zeroed never loses less output energy on the same tokens
     assert np.all(np.diff(curves.errors, axis=1) >= -1e-6)
+
+
+# --------------------------------------------------------------------------- greedy-block (TEAL)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4000), min_size=1, max_size=7),
+    target=st.floats(0.0, 0.95),
+    step=st.sampled_from([0.05, 0.1, 0.3]),
+    seed=st.integers(0, 10_000),
+)
+def test_block_walk_exact_mean_and_bounds(sizes, target, step, seed) -> None:
+    """Any layer shape and any convex separable error: weighted mean exactly the target, every s in [0, upper]."""
+    params = np.array(sizes, dtype=float)
+    costs = np.random.default_rng(seed).exponential(size=len(sizes))
+    s = greedy._walk_block(lambda trial: float(np.dot(costs, trial**2)), params, target, step)
+    assert abs(np.dot(params, s) / params.sum() - target) < 1e-9
+    assert np.all(s >= 0) and np.all(s <= greedy.BLOCK_UPPER + 1e-12)
+
+
+def test_block_walk_takes_the_step_with_least_output_error() -> None:
+    """Equal sizes: every step has the same weighted gain, so the cheaper projection is sparsified first (TEAL)."""
+    params = np.array([100.0, 100.0, 100.0])
+    order = []
+
+    def error_of(trial):
+        order.append(trial.copy())
+        return float(np.dot([1.0, 50.0, 5.0], trial**2))
+
+    s = greedy._walk_block(error_of, params, 0.2, 0.1)
+    assert s[0] > s[2] > s[1] - 1e-12 and abs(s.mean() - 0.2) < 1e-12
+    # each step tried every projection once (3 candidates per step)
+    assert len(order) % 3 == 0
+    np.testing.assert_allclose(greedy.block_steps(np.array([400.0, 100.0]), 0.1), [0.1, 0.4])
+
+
+def test_greedy_block_on_tiny_model_applies_upstream_sparsity_and_caches(tiny_loaded, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import torch
+
+    from acttail_core.corpora import demo_dir, ensure_demo_corpus
+    from acttail_core.projections import decoder_layers
+    from acttail_core.sparsify import sparsify
+
+    real = ensure_demo_corpus()
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    shutil.copytree(real, demo_dir())
+    seen = []
+    original = greedy._layer_forward
+
+    def spy(call, hidden):
+        seen.append((call.module, hidden.clone()))
+        return original(call, hidden)
+
+    monkeypatch.setattr(greedy, "_layer_forward", spy)
+    budget = greedy.greedy_block_budget(tiny_loaded, 0.6, tokens=64, step=0.25)
+    assert budget.method == "greedy-block" and budget.group == "layer" and budget.calibration is None
+    assert abs(budget.effective_sparsity - 0.6) < 1e-9
+    per_layer = {}
+    for entry in budget.projections:
+        per_layer.setdefault(entry.layer, []).append((entry.params, entry.sparsity))
+    for values in per_layer.values():  # TEAL's constraint: every block at the target
+        assert abs(sum(p * s for p, s in values) / sum(p for p, _ in values) - 0.6) < 1e-9
+    assert len({round(e.sparsity, 6) for e in budget.projections}) > 2  # not uniform
+    # layer 1's first call (its dense target) reads layer 0's output *with layer 0's chosen sparsities*
+    _, layers = decoder_layers(tiny_loaded.model)
+    first_of_layer1 = next(h for module, h in seen if module is layers[1])
+    first_of_layer0 = next(h for module, h in seen if module is layers[0])
+    _, calls = greedy._record_layer_calls(tiny_loaded, first_of_layer1.new_zeros(1, 64, dtype=torch.long))
+    with torch.no_grad():
+        dense = original(greedy._LayerCall(layers[0], calls[0].args, calls[0].kwargs), first_of_layer0)
+        with sparsify(tiny_loaded.model, budget, measure=False):
+            sparse = original(greedy._LayerCall(layers[0], calls[0].args, calls[0].kwargs), first_of_layer0)
+    torch.testing.assert_close(first_of_layer1, sparse)
+    assert not torch.allclose(first_of_layer1, dense)
+    # a second request is read from the cache: no layer runs at all
+    seen.clear()
+    again = greedy.greedy_block_budget(tiny_loaded, 0.6, tokens=64, step=0.25)
+    assert not seen and again.sparsity_by_name() == budget.sparsity_by_name()
+    with pytest.raises(ActTailError, match="greedy-block supports"):
+        greedy.greedy_block_sparsities(tiny_loaded, 0.97)
