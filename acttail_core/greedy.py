@@ -29,8 +29,9 @@ level.
    layers ``0..i-1`` *with the sparsities already chosen for them*; its target
    is the dense layer's output on that same ``h_i``.
 3. Inside the layer, starting from all-dense, every projection is tried one
-   step sparser and the layer run again; the step that adds the least squared
-   error at the layer's output per unit of parameter-weighted sparsity wins.
+   step sparser and the layer run again (all candidates of a step in one
+   batched run); the step that adds the least squared error at the layer's
+   output per unit of parameter-weighted sparsity wins.
    As in TEAL every step adds the same weighted sparsity: the largest
    projection of the layer moves by ``step``, a projection a quarter of its
    size by ``4 * step`` (capped at ``upper``, with its gain cut to match). The
@@ -64,7 +65,6 @@ from .integrity import CacheIntegrityError, read_with_digest, write_with_digest
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
 from .projections import Projection, decoder_layers, find_projections, get_module
-from .sparsify import sparsify
 
 log = logging.getLogger(__name__)
 
@@ -302,34 +302,74 @@ def block_steps(params: np.ndarray, step: float, upper: float = BLOCK_UPPER) -> 
     return np.minimum(step * params.max() / params, upper)
 
 
-def _walk_block(error_of, params: np.ndarray, target: float, step: float, upper: float = BLOCK_UPPER) -> np.ndarray:
-    """TEAL's walk inside one layer: ``error_of(sparsities)`` is the layer's output error; exact weighted mean."""
+def _walk_block(errors_of, params: np.ndarray, target: float, step: float, upper: float = BLOCK_UPPER) -> np.ndarray:
+    """TEAL's walk inside one layer, with an exact weighted mean.
+
+    ``errors_of(trials)`` gives the layer's output error for each row of ``trials`` ([candidates, projections]
+    sparsities): every step's candidates are measured together.
+    """
     weights = params / params.sum()
     steps = block_steps(params, step, upper)
     current = np.zeros(len(params))
     error = 0.0
     reached = 0.0
     while reached < target - 1e-12:
-        best: Optional[tuple[float, int, float, float]] = None  # (cost per gain, index, increment, error)
-        for i in range(len(params)):
-            increment = min(steps[i], upper - current[i])
-            if increment <= 1e-12:
-                continue
-            trial = current.copy()
-            trial[i] += increment
-            trial_error = error_of(trial)
-            cost = (trial_error - error) / (weights[i] * increment)
-            if best is None or cost < best[0]:
-                best = (cost, i, increment, trial_error)
-        if best is None:  # every projection at the cap: the target is above upper (refused earlier)
+        movable = [i for i in range(len(params)) if upper - current[i] > 1e-12]
+        if not movable:  # every projection at the cap: the target is above upper (refused earlier)
             break
-        _, i, increment, error = best
+        increments = np.array([min(steps[i], upper - current[i]) for i in movable])
+        trials = np.repeat(current[None, :], len(movable), axis=0)
+        trials[np.arange(len(movable)), movable] += increments
+        errors = np.asarray(errors_of(trials), dtype=np.float64)
+        costs = (errors - error) / (weights[movable] * increments)
+        best = int(np.argmin(costs))
+        i, increment, error = movable[best], increments[best], float(errors[best])
         if reached + weights[i] * increment >= target:
             current[i] += (target - reached) / weights[i]
             break
         current[i] += increment
         reached += weights[i] * increment
     return current
+
+
+class _BlockMasks:
+    """TopK masks on one layer's projections, one keep count per projection *and batch row*.
+
+    The sparsifier's semantics (keep |x| >= the keep-th largest magnitude of each token), so one forward
+    over a batch of copies of the layer input measures every candidate of a step; ``tests/test_greedy.py``
+    checks each row against ``sparsify()``.
+    """
+
+    def __init__(self, model: torch.nn.Module, projections: Sequence[Projection]) -> None:
+        self.projections = list(projections)
+        self.keeps: dict[str, torch.Tensor] = {}
+        self._handles = [get_module(model, p.name).register_forward_pre_hook(self._hook(p.name))
+                         for p in self.projections]
+
+    def set(self, sparsities: np.ndarray) -> None:
+        """Keep counts from ``sparsities`` ([rows, len(projections)])."""
+        for j, proj in enumerate(self.projections):
+            self.keeps[proj.name] = torch.tensor([keep_count(float(s), proj.in_features) for s in sparsities[:, j]])
+
+    def _hook(self, name: str):
+        def pre_hook(module: torch.nn.Module, args: tuple):
+            x = args[0]
+            keep = self.keeps[name].to(x.device)
+            width = x.shape[-1]
+            if bool((keep >= width).all()):
+                return None
+            magnitude = x.abs()
+            top = magnitude.topk(int(keep.clamp(max=width).max()), dim=-1).values
+            index = (keep.clamp(1, width) - 1).view(-1, *([1] * (x.dim() - 1))).expand(*x.shape[:-1], 1)
+            kth = top.gather(-1, index.clamp(max=top.shape[-1] - 1))
+            kth = torch.where((keep >= width).view(-1, *([1] * (x.dim() - 1))), torch.zeros_like(kth), kth)
+            return (x * (magnitude >= kth),) + tuple(args[1:])
+
+        return pre_hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def greedy_block_sparsities(
@@ -362,35 +402,27 @@ def greedy_block_sparsities(
     if sparsity > 0:
         ids = tokenize_corpus(loaded, load_text(corpus, role="calibration"), seqlen=tokens, max_tokens=tokens)[:1]
         hidden, calls = _record_layer_calls(loaded, ids)
-        layer_of = np.array([p.layer for p in projections])
         params = np.array([p.params for p in projections], dtype=np.float64)
-
-        def budget_with(sparsities: np.ndarray) -> Budget:
-            # Only the layer being run has hooks that fire; a whole-model budget reuses the engine's sparsifier.
-            effective = float(np.dot(params, sparsities) / params.sum())
-            return make_budget(projections, sparsities, model_name=loaded.name, model_fingerprint=loaded.fingerprint,
-                               method="greedy-block", target_sparsity=effective)
-
-        def run_layer(call: _LayerCall, sparsities: np.ndarray) -> torch.Tensor:
-            with torch.no_grad(), sparsify(loaded.model, budget_with(sparsities), measure=False):
-                return _layer_forward(call, hidden)
-
         with torch.no_grad():
             for index, call in enumerate(calls):
-                block = np.flatnonzero(layer_of == index)
                 report(progress, index, len(calls), f"greedy-block layer {index + 1}/{len(calls)}")
-                if len(block) == 0:
+                block = [i for i, p in enumerate(projections) if p.layer == index]
+                masks = _BlockMasks(loaded.model, [projections[i] for i in block])
+                try:
+                    masks.set(np.zeros((1, len(block))))
+                    target = _layer_forward(call, hidden)  # the dense layer on the same (upstream-sparse) input
+
+                    def errors_of(trials: np.ndarray) -> list[float]:
+                        masks.set(trials)
+                        out = _layer_forward(call, hidden.expand(len(trials), *hidden.shape[1:]))
+                        return ((out - target) ** 2).float().sum(dim=tuple(range(1, out.dim()))).tolist()
+
+                    if block:
+                        result[block] = _walk_block(errors_of, params[block], sparsity, step)
+                    masks.set(result[block][None, :])
                     hidden = _layer_forward(call, hidden)
-                    continue
-                target = _layer_forward(call, hidden)
-
-                def error_of(block_sparsities: np.ndarray) -> float:
-                    trial = result.copy()
-                    trial[block] = block_sparsities
-                    return float(torch.sum((run_layer(call, trial) - target).float() ** 2))
-
-                result[block] = _walk_block(error_of, params[block], sparsity, step)
-                hidden = run_layer(call, result)
+                finally:
+                    masks.remove()
         report(progress, len(calls), len(calls), "greedy-block done")
     if use_cache:
         data = {"names": [p.name for p in projections], "sparsities": result.tolist()}

@@ -107,7 +107,7 @@ def test_block_walk_exact_mean_and_bounds(sizes, target, step, seed) -> None:
     """Any layer shape and any convex separable error: weighted mean exactly the target, every s in [0, upper]."""
     params = np.array(sizes, dtype=float)
     costs = np.random.default_rng(seed).exponential(size=len(sizes))
-    s = greedy._walk_block(lambda trial: float(np.dot(costs, trial**2)), params, target, step)
+    s = greedy._walk_block(lambda trials: trials**2 @ costs, params, target, step)
     assert abs(np.dot(params, s) / params.sum() - target) < 1e-9
     assert np.all(s >= 0) and np.all(s <= greedy.BLOCK_UPPER + 1e-12)
 
@@ -115,16 +115,16 @@ def test_block_walk_exact_mean_and_bounds(sizes, target, step, seed) -> None:
 def test_block_walk_takes_the_step_with_least_output_error() -> None:
     """Equal sizes: every step has the same weighted gain, so the cheaper projection is sparsified first (TEAL)."""
     params = np.array([100.0, 100.0, 100.0])
-    order = []
+    batches = []
 
-    def error_of(trial):
-        order.append(trial.copy())
-        return float(np.dot([1.0, 50.0, 5.0], trial**2))
+    def errors_of(trials):
+        batches.append(trials.copy())
+        return trials**2 @ np.array([1.0, 50.0, 5.0])
 
-    s = greedy._walk_block(error_of, params, 0.2, 0.1)
+    s = greedy._walk_block(errors_of, params, 0.2, 0.1)
     assert s[0] > s[2] > s[1] - 1e-12 and abs(s.mean() - 0.2) < 1e-12
-    # each step tried every projection once (3 candidates per step)
-    assert len(order) % 3 == 0
+    # each step tried every projection once, each candidate one step beyond the current sparsities
+    assert all(len(b) == 3 and np.allclose(np.diag(b - b.min(axis=0)), 0.1) for b in batches)
     np.testing.assert_allclose(greedy.block_steps(np.array([400.0, 100.0]), 0.1), [0.1, 0.4])
 
 
@@ -174,3 +174,37 @@ def test_greedy_block_on_tiny_model_applies_upstream_sparsity_and_caches(tiny_lo
     assert not seen and again.sparsity_by_name() == budget.sparsity_by_name()
     with pytest.raises(ActTailError, match="greedy-block supports"):
         greedy.greedy_block_sparsities(tiny_loaded, 0.97)
+
+
+def test_block_masks_match_the_sparsifier_row_by_row(tiny_loaded) -> None:
+    """One batched run of copies of a layer's input with a keep count per row equals, row by row, the same
+    layer run under sparsify() with each row's budget (the engine's TopK semantics)."""
+    import torch
+
+    from acttail_core.budget import make_budget
+    from acttail_core.projections import find_projections
+    from acttail_core.sparsify import sparsify
+
+    projections = find_projections(tiny_loaded.model)
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    hidden, calls = greedy._record_layer_calls(tiny_loaded, ids)
+    block = [i for i, p in enumerate(projections) if p.layer == 0]
+    rows = np.random.default_rng(3).uniform(0, 0.9, size=(4, len(block)))
+    rows[0] = 0.0  # a dense row among sparse ones
+    masks = greedy._BlockMasks(tiny_loaded.model, [projections[i] for i in block])
+    try:
+        masks.set(rows)
+        with torch.no_grad():
+            batched = greedy._layer_forward(calls[0], hidden.expand(len(rows), *hidden.shape[1:]))
+    finally:
+        masks.remove()
+    for row, sparsities in zip(batched, rows):
+        full = np.zeros(len(projections))
+        full[block] = sparsities
+        effective = float(np.dot([p.params for p in projections], full) / sum(p.params for p in projections))
+        budget = make_budget(projections, full, model_name="tiny", model_fingerprint="x", method="greedy-block",
+                             target_sparsity=effective)
+        with torch.no_grad(), sparsify(tiny_loaded.model, budget, measure=False):
+            alone = greedy._layer_forward(calls[0], hidden)
+        torch.testing.assert_close(row, alone[0], rtol=1e-5, atol=1e-5)
+    assert not any(h for module in tiny_loaded.model.modules() for h in module._forward_pre_hooks.values())
