@@ -169,18 +169,19 @@ def budget_summary(budget):
 
 
 def build_budget(args: argparse.Namespace, loaded, sparsity: float):
-    """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
+    """The budget the CLI arguments ask for (acttail/linear/uniform, or a greedy)."""
     from .allocation import allocate, check_target
     from .progress import TqdmProgress
     from .spectra import check_spectra_match
     from .spectra_io import load_spectra
     from .streaming import spectra_of
 
-    if args.method == "greedy":
-        from .greedy import greedy_budget
+    if args.method in ("greedy", "greedy-block"):
+        from .greedy import greedy_block_budget, greedy_budget
 
         check_target(sparsity, settings_from_args(args))
-        return greedy_budget(loaded, sparsity, progress=TqdmProgress("greedy"))
+        make = greedy_budget if args.method == "greedy" else greedy_block_budget
+        return make(loaded, sparsity, progress=TqdmProgress(args.method))
     settings = settings_from_args(args)
     if getattr(args, "spectra", None):
         spectra = load_spectra(args.spectra)
@@ -202,7 +203,7 @@ def _allocate_run(args: argparse.Namespace) -> int:
         from .spectra_io import load_spectra
 
         load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
-    streamed = streamed_spectra(args) if args.method != "greedy" and not args.spectra else None
+    streamed = streamed_spectra(args) if args.method not in ("greedy", "greedy-block") and not args.spectra else None
     if streamed is not None:  # a model too large to load: allocation needs only its spectra
         from .allocation import allocate
 
@@ -230,10 +231,10 @@ def register(name: str, help_text: str, add_arguments, run) -> None:
 
 
 def _load_plugins() -> None:
-    """Commands defined next to the stage they drive (eval, bench, study)."""
+    """Commands defined next to the stage they drive (eval, bench, calibrate, study)."""
     import importlib
 
-    for module in ("cli_eval", "study"):
+    for module in ("cli_eval", "cli_calibrate", "study"):
         try:
             importlib.import_module(f"acttail_core.{module}")
         except ModuleNotFoundError as exc:
