@@ -6,6 +6,7 @@ model loading, spectra or other tabs.
 """
 from __future__ import annotations
 
+import math
 import time
 from urllib.parse import urlencode
 
@@ -14,11 +15,12 @@ import streamlit as st
 from acttail_core.allocation import (
     DIRECTIONS, GROUPS, MAX_TARGET, METHODS, AllocationSettings, allocate, check_target, uniform_budget,
 )
+from acttail_core import calibration
 from acttail_core.budget import MAX_BUDGET_BYTES, Budget, load_budget
 from acttail_core.errors import ActTailError
-from acttail_core.greedy import greedy_budget
+from acttail_core.greedy import greedy_block_budget, greedy_budget
 from app import charts
-from app.state import AppContext, guarded, show_error
+from app.state import AppContext, StreamlitProgress, get_spectra, guarded, show_error
 
 DEFAULTS = AllocationSettings()
 DEFAULT_SPARSITY = 0.5
@@ -178,11 +180,12 @@ def allocation_fragment(ctx: AppContext, uploaded: Budget | None) -> None:
     else:
         target, settings = settings_from_state()
         try:
-            if settings.method == "greedy":
+            if settings.method in ("greedy", "greedy-block"):
                 check_target(target, settings)
-                budget = greedy_budget(ctx.loaded, target, alphas=ctx.spectra.alphas())
+                make = greedy_budget if settings.method == "greedy" else greedy_block_budget
+                budget = make(ctx.loaded, target, alphas=ctx.spectra.alphas())
             else:
-                budget = allocate(ctx.spectra, target, settings)
+                budget = _with_calibration(ctx, allocate(ctx.spectra, target, settings))
         except ActTailError as error:
             show_error(error, "Allocation")
             return
@@ -238,6 +241,59 @@ def allocation_fragment(ctx: AppContext, uploaded: Budget | None) -> None:
     st.caption(f"Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
 
 
+# --------------------------------------------------------------------------- per-model calibration (issue 13)
+
+
+def _apply_calibration(found: calibration.Calibration) -> None:
+    """Button callback: it runs before the page is drawn again, so it may set the widgets (sidebar rule too)."""
+    choice = found.choice
+    st.session_state.update(method="acttail", sparsity=found.sparsity, temperature=choice.temperature,
+                            direction=choice.direction, group=choice.group, rule=choice.rule)
+
+
+def _stored_calibration(ctx: AppContext) -> calibration.Calibration | None:
+    stored = st.session_state.get("calibration_result")
+    return stored[1] if stored and stored[0] == ctx.loaded.fingerprint else None
+
+
+def _with_calibration(ctx: AppContext, budget: Budget) -> Budget:
+    """The budget with its calibration record when the sliders show exactly the calibrated settings."""
+    found = _stored_calibration(ctx)
+    if found is None or found.sparsity != budget.target_sparsity or budget.xmin_rule != found.choice.rule:
+        return budget
+    choice = found.choice
+    if (budget.temperature, budget.direction, budget.group) != (choice.temperature, choice.direction, choice.group):
+        return budget
+    return budget.model_copy(update={"calibration": found.record()})
+
+
+def _calibration_control(ctx: AppContext) -> None:
+    """Run ``calibration.calibrate`` at the current target, show its choice, and apply it on request."""
+    target = float(st.session_state.get("sparsity", DEFAULT_SPARSITY))
+    texts = ", ".join(calibration.DEFAULT_TEXTS)
+    st.caption(f"**Calibrate for this model**: choose temperature, direction, grouping and xmin rule at sparsity "
+               f"{target:.2f} by perplexity on calibration text ({texts}, {calibration.DEFAULT_TOKENS} tokens each), "
+               f"at most {calibration.max_runs()} perplexity runs (minutes on a CPU). Uniform is kept unless a setting "
+               "beats it by 1%.")
+    if st.button("Calibrate", key="calibrate", disabled=target == 0):
+        try:
+            found = calibration.calibrate(ctx.loaded, target, spectra_for=lambda rule: get_spectra(ctx.loaded, rule),
+                                          progress=StreamlitProgress(st, "calibrating"))
+        except ActTailError as error:
+            show_error(error, "Calibration")
+        else:
+            st.session_state["calibration_result"] = (ctx.loaded.fingerprint, found)
+    found = _stored_calibration(ctx)
+    if found is not None:
+        search = found.search
+        st.markdown(f"At sparsity {found.sparsity:g}: **{found.choice.label}**, perplexity "
+                    f"{math.exp(search.nll):.2f} against uniform's {math.exp(search.uniform_nll):.2f} on the "
+                    f"calibration text ({search.runs} runs, {found.seconds:.0f} s).")
+        st.button("Apply these settings", key="apply_calibration", on_click=_apply_calibration, args=(found,),
+                  help="Sets the sliders and the sidebar's xmin rule; the downloaded budget then records "
+                  "the calibration.")
+
+
 def render(ctx: AppContext) -> None:
     st.subheader("Allocation: from alpha to a sparsity budget")
     st.caption(
@@ -248,5 +304,7 @@ def render(ctx: AppContext) -> None:
     # Outside the fragment: an upload is rare and reruns the page; slider moves then skip the uploader.
     with st.container(border=True):
         uploaded = _uploaded_budget(ctx)
+    with st.container(border=True):
+        _calibration_control(ctx)
     with live:
         allocation_fragment(ctx, uploaded)
