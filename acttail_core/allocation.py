@@ -81,8 +81,9 @@ class AllocationSettings:
     The defaults (acttail, keep-light, projection, T = 0.15, with the ``mid``
     xmin rule of ``spectra.DEFAULT_RULE``) won the allocation study's selection
     on lcet10 over SmolLM2-135M and Gemma-3-270M at sparsities 0.5-0.8
-    (bench/results/study/report.md): the HT-SR reading (keep-heavy) lost to
-    uniform there, as METHOD.md section 3 also found.
+    (bench/results/study/round1_h200/report.md): the HT-SR reading
+    (keep-heavy) lost to uniform there. ``calibration.calibrate`` chooses
+    them per model and target instead.
     """
 
     method: str = "acttail"
