@@ -81,8 +81,18 @@ def settings_from_args(args: argparse.Namespace):
 def load_from_args(args: argparse.Namespace):
     from .models import load_model
     from .progress import TqdmProgress
+    from .projections import projection_coverage
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, progress=TqdmProgress("load"))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        progress=TqdmProgress("load"))
+    print_coverage(projection_coverage(loaded.model))  # a layer the family map does not match fails here, by name
+    return loaded
+
+
+def print_coverage(coverage) -> None:
+    """Which linear layers became projections and which were skipped: nothing is left out silently."""
+    for line in coverage.lines():
+        print(line)
 
 
 def print_table(frame, title: str = "") -> None:
@@ -113,11 +123,12 @@ def streamed_spectra(args: argparse.Namespace, use_cache: bool = True):
 
     check_device(args.device)
     source, is_local = resolve_model_source(args.model, TqdmProgress("model"))
-    if not (is_local and Path(source).is_dir()):
-        return None
+    if not (is_local and Path(source).is_dir() and any(Path(source).glob("*.safetensors"))):
+        return None  # nothing to stream: the regular load explains what is missing
     layout = model_layout(source, args.dtype, args.device, args.trust_remote_code)
     if not should_stream(layout, args.device):
         return None
+    print_coverage(layout.coverage)
     progress = TqdmProgress("spectra")
     return stream_spectra(source, args.model, args.rule, args.device, args.dtype, use_cache, progress, layout=layout)
 

@@ -12,7 +12,9 @@ captured once as a CUDA graph and replayed for every token. ``select`` is
 ``kernels.select.select_group`` (prologue fused with the TopK cut of every projection of the group
 and the compaction of the kept inputs); the sparse GEMV is ``kernels.gather_gemv``, reading only the
 kept rows of weights stored input-channel-major; the dense step uses the same prologues with cuBLAS
-GEMVs on the weights as loaded. Embedding, final norm and LM head stay dense.
+GEMVs on the weights as loaded. Embedding, final norm and LM head stay dense. A batch whose kept
+inputs together cover nearly every weight row runs the ``masked`` kernel instead: each projection's
+own masked input through cuBLAS (see ``Decoder``).
 
 Semantics equal the masked path of ``sparsify()``: every token keeps, per projection, the inputs with
 magnitude >= its k-th largest (ties kept; exact zeros dropped, which changes nothing), or |x| > tau

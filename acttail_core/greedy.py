@@ -52,6 +52,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,9 +63,10 @@ import torch
 from .budget import MAX_TARGET, Budget, keep_count, make_budget
 from .errors import ActTailError
 from .integrity import CacheIntegrityError, read_with_digest, write_with_digest
+from .intercept import intercept
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
-from .projections import Projection, decoder_layers, find_projections, get_module
+from .projections import Projection, decoder_layers, find_projections, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +111,13 @@ def _cache_file(fingerprint: str, corpus: str, tokens: int) -> Path:
 
 def _capture_inputs(loaded: LoadedModel, projections: Sequence[Projection], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for proj in projections:
-        def hook(module, args, name=proj.name):
-            x = args[0].detach()
-            captured[name] = x.reshape(-1, x.shape[-1])  # q/k/v share one tensor: stored once, referenced thrice
 
-        handles.append(get_module(loaded.model, proj.name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            loaded.model(ids.to(loaded.input_device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    def capture(name: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        captured[name] = x.reshape(-1, x.shape[-1])  # q/k/v share one tensor: stored once, referenced thrice
+
+    with torch.no_grad(), intercept(loaded.model, projections, capture):
+        loaded.model(ids.to(loaded.input_device))
     return captured
 
 
@@ -152,8 +148,11 @@ def measure_error_curves(
     dropped_cache: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share an input: one sort for all three
     with torch.no_grad():
         for i, proj in enumerate(projections):
-            weight = get_module(loaded.model, proj.name).weight
-            x = inputs[proj.name]
+            weight = weight_of(loaded.model, proj)
+            x = inputs.get(proj.name)
+            if x is None or x.shape[0] == 0:  # an expert no calibration token was routed to: filled in below
+                errors[i, 1:] = np.nan
+                continue
             if id(x) not in dropped_cache:
                 dropped_cache.clear()
                 keeps = [keep_count(level, proj.in_features) for level in LEVELS[1:]]
@@ -163,6 +162,7 @@ def measure_error_curves(
             lost = torch.linalg.vector_norm((dropped @ weight.T).float(), dim=(1, 2)) ** 2
             errors[i, 1:] = (lost / reference.clamp_min(1e-30)).cpu().numpy()
             report(progress, i + 1, len(projections), f"error curves {i + 1}/{len(projections)}")
+    _fill_unvisited(projections, errors)
     curves = ErrorCurves(projections, LEVELS.copy(), errors, corpus, tokens)
     if use_cache:
         data = {"names": [p.name for p in projections], "levels": LEVELS.tolist(), "errors": errors.tolist()}
@@ -172,6 +172,21 @@ def measure_error_curves(
         except (OSError, ActTailError) as exc:  # a read-only cache must not stop the allocation
             log.warning("could not write greedy cache: %s", exc)
     return curves
+
+
+def _fill_unvisited(projections: Sequence[Projection], errors: np.ndarray) -> None:
+    """Give each projection that saw no input (an unvisited expert) the mean curve of its type in its layer.
+
+    Its measured error would be zero at every level, which the greedy walk would read as free sparsity.
+    """
+    missing = np.isnan(errors[:, 1:]).any(axis=1)
+    for i in np.flatnonzero(missing):
+        peers = [j for j, p in enumerate(projections) if not missing[j] and p.layer == projections[i].layer
+                 and p.type == projections[i].type]
+        if not peers:
+            raise ActTailError(f"no calibration token reached {projections[i].name} or any projection of its type "
+                               "in its layer; use more calibration tokens")
+        errors[i] = errors[peers].mean(axis=0)
 
 
 def _greedy_path(errors: np.ndarray, levels: np.ndarray, params: np.ndarray, target: float) -> np.ndarray:
@@ -335,41 +350,45 @@ def _walk_block(errors_of, params: np.ndarray, target: float, step: float, upper
 class _BlockMasks:
     """TopK masks on one layer's projections, one keep count per projection *and batch row*.
 
-    The sparsifier's semantics (keep |x| >= the keep-th largest magnitude of each token), so one forward
-    over a batch of copies of the layer input measures every candidate of a step; ``tests/test_greedy.py``
-    checks each row against ``sparsify()``.
+    The sparsifier's semantics (keep |x| >= the keep-th largest magnitude of each token), applied through
+    ``intercept`` like the sparsifier, so one forward over a batch of copies of the layer input measures every
+    candidate of a step; ``tests/test_greedy.py`` checks each row against ``sparsify()``. Experts see their routed
+    tokens of all rows mixed together, so a layer with experts is measured one candidate at a time
+    (``batched`` False).
     """
 
-    def __init__(self, model: torch.nn.Module, projections: Sequence[Projection]) -> None:
+    def __init__(self, projections: Sequence[Projection]) -> None:
         self.projections = list(projections)
+        self.batched = all(p.expert is None for p in self.projections)
         self.keeps: dict[str, torch.Tensor] = {}
-        self._handles = [get_module(model, p.name).register_forward_pre_hook(self._hook(p.name))
-                         for p in self.projections]
 
     def set(self, sparsities: np.ndarray) -> None:
         """Keep counts from ``sparsities`` ([rows, len(projections)])."""
         for j, proj in enumerate(self.projections):
             self.keeps[proj.name] = torch.tensor([keep_count(float(s), proj.in_features) for s in sparsities[:, j]])
 
-    def _hook(self, name: str):
-        def pre_hook(module: torch.nn.Module, args: tuple):
-            x = args[0]
-            keep = self.keeps[name].to(x.device)
-            width = x.shape[-1]
-            if bool((keep >= width).all()):
-                return None
-            magnitude = x.abs()
-            top = magnitude.topk(int(keep.clamp(max=width).max()), dim=-1).values
-            index = (keep.clamp(1, width) - 1).view(-1, *([1] * (x.dim() - 1))).expand(*x.shape[:-1], 1)
-            kth = top.gather(-1, index.clamp(max=top.shape[-1] - 1))
-            kth = torch.where((keep >= width).view(-1, *([1] * (x.dim() - 1))), torch.zeros_like(kth), kth)
-            return (x * (magnitude >= kth),) + tuple(args[1:])
+    def __call__(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        keep = self.keeps[name].to(x.device)
+        width = x.shape[-1]
+        if bool((keep >= width).all()):
+            return None
+        # one keep count per batch row, or a single count for every token
+        shape = (-1,) + (1,) * (x.dim() - 1) if keep.numel() > 1 else (1,) * x.dim()
+        magnitude = x.abs()
+        top = magnitude.topk(int(keep.clamp(1, width).max()), dim=-1).values
+        index = (keep.clamp(1, width) - 1).view(shape).expand(*x.shape[:-1], 1)
+        kth = top.gather(-1, index)
+        kth = torch.where((keep >= width).view(shape), torch.zeros_like(kth), kth)
+        kth = torch.where((keep <= 0).view(shape), torch.full_like(kth, math.inf), kth)  # keep 0: all masked
+        return x * (magnitude >= kth)
 
-        return pre_hook
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+def _squared_errors(masks: _BlockMasks, trials: np.ndarray, call: _LayerCall, hidden: torch.Tensor,
+                    target: torch.Tensor) -> list[float]:
+    """The layer's squared output error for each row of ``trials``, all rows in one batched run."""
+    masks.set(trials)
+    out = _layer_forward(call, hidden.expand(len(trials), *hidden.shape[1:]))
+    return ((out - target) ** 2).float().sum(dim=tuple(range(1, out.dim()))).tolist()
 
 
 def greedy_block_sparsities(
@@ -407,22 +426,20 @@ def greedy_block_sparsities(
             for index, call in enumerate(calls):
                 report(progress, index, len(calls), f"greedy-block layer {index + 1}/{len(calls)}")
                 block = [i for i, p in enumerate(projections) if p.layer == index]
-                masks = _BlockMasks(loaded.model, [projections[i] for i in block])
-                try:
+                masks = _BlockMasks([projections[i] for i in block])
+                with intercept(loaded.model, masks.projections, masks):
                     masks.set(np.zeros((1, len(block))))
                     target = _layer_forward(call, hidden)  # the dense layer on the same (upstream-sparse) input
 
                     def errors_of(trials: np.ndarray) -> list[float]:
-                        masks.set(trials)
-                        out = _layer_forward(call, hidden.expand(len(trials), *hidden.shape[1:]))
-                        return ((out - target) ** 2).float().sum(dim=tuple(range(1, out.dim()))).tolist()
+                        if masks.batched:
+                            return _squared_errors(masks, trials, call, hidden, target)
+                        return [_squared_errors(masks, trial[None, :], call, hidden, target)[0] for trial in trials]
 
                     if block:
                         result[block] = _walk_block(errors_of, params[block], sparsity, step)
                     masks.set(result[block][None, :])
                     hidden = _layer_forward(call, hidden)
-                finally:
-                    masks.remove()
         report(progress, len(calls), len(calls), "greedy-block done")
     if use_cache:
         data = {"names": [p.name for p in projections], "sparsities": result.tolist()}

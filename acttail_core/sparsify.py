@@ -1,9 +1,11 @@
 """Stage 4: apply a budget to a loaded model, reversibly, and measure what it did.
 
-``sparsify(model, budget)`` is a context manager that installs a forward
-pre-hook on every budgeted ``nn.Linear`` and removes them on exit (also on
-exceptions); weights are never touched, so the model is bit-identical
-afterwards.
+``sparsify(model, budget)`` is a context manager that routes the input of every
+budgeted projection through a mask (``intercept``: a forward pre-hook on a whole
+``nn.Linear`` or ``Conv1D``, a hook recomputing the slices of a fused module, the
+masked experts implementation inside a mixture of experts) and removes all of it on
+exit (also on exceptions); weights are never touched, so the model is
+bit-identical afterwards.
 
 Two modes (METHOD.md section 1):
 
@@ -12,7 +14,8 @@ Two modes (METHOD.md section 1):
   per row is found by a selection (no full sort, no scatter) and the input is
   masked with ``|x| >= kth``; ties at the k-th value keep a few extra entries,
   which the measurement reports. q, k and v (and gate, up) read the same
-  tensor: the selection is done once per distinct input and keep count.
+  tensor, also when they are slices of one fused weight: the selection is done
+  once per distinct input and keep count.
 * ``threshold`` (TEAL): one magnitude threshold per projection, calibrated on
   sample text (``calibrate_thresholds``) so that the expected fraction of zeros
   equals the budget; the mask is a single fused ``hardshrink``. Measured on
@@ -41,7 +44,8 @@ import torch.nn.functional as F
 
 from .budget import Budget, check_budget_matches
 from .errors import ActTailError
-from .projections import Projection, find_projections, get_module
+from .intercept import intercept
+from .projections import Projection, find_projections
 
 log = logging.getLogger(__name__)
 
@@ -220,18 +224,13 @@ class _Masker:
             self.stats._add(rule.name, kept, x.numel() // d * d)
         return out
 
-    def hook(self, name: str):
-        rule = self.rules[name]
-
-        def pre_hook(module: torch.nn.Module, args: tuple):
-            try:
-                out = self.apply(rule, args[0])
-            except BaseException:
-                self.clear()  # e.g. CUDA OOM: drop cached tensors so a retry with a smaller batch has the memory
-                raise
-            return None if out is None else (out,) + tuple(args[1:])
-
-        return pre_hook
+    def transform(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``intercept``'s transform: the masked input of projection ``name`` (None: unchanged)."""
+        try:
+            return self.apply(self.rules[name], x)
+        except BaseException:
+            self.clear()  # e.g. CUDA OOM: drop cached tensors so a retry with a smaller batch has the memory
+            raise
 
 
 def _rules(
@@ -282,16 +281,12 @@ def sparsify(
     targets = budget.sparsity_by_name() if budget is not None else {p.name: 0.0 for p in projections}
     stats = SparsityStats({p.name: p.params for p in projections}, targets, mode if budget is not None else "dense")
     masker = _Masker(rules, mode, topk_impl, stats, measure)
-    handles = []
+    hooked = [p for p in projections if p.name in rules] if budget is not None or measure else []
     _ACTIVE.add(model)
     try:
-        if budget is not None or measure:
-            for name in rules:
-                handles.append(get_module(model, name).register_forward_pre_hook(masker.hook(name)))
-        yield stats
+        with intercept(model, hooked, masker.transform):
+            yield stats
     finally:
-        for handle in handles:
-            handle.remove()
         masker.clear()
         _ACTIVE.discard(model)
 

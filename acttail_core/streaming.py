@@ -34,7 +34,7 @@ from .eigensolver import SolverPlan, Unit, solve, visible_devices
 from .errors import ActTailError, ModelLoadError
 from .models import LoadedModel, resolve_dtype
 from .progress import ProgressFn, report
-from .projections import Projection, find_projections
+from .projections import Coverage, Projection, find_projections, projection_coverage
 from .spectra import (
     BACKENDS,
     DEFAULT_RULE,
@@ -59,6 +59,9 @@ class StreamLayout:
     projections: list[Projection]
     params: list[tuple[str, tuple[int, ...], torch.dtype]]  # named_parameters of the loaded model
     dtype: torch.dtype  # the dtype load_model would load the weights in
+    prefix: str = ""  # the base model's prefix ("transformer."), which hub checkpoints of some families leave out
+    coverage: Optional[Coverage] = None  # which linear layers became projections (for the CLI)
+    unreadable: Optional[str] = None  # why the projections' weights cannot be read by name (then: load it whole)
 
     @property
     def layers(self) -> list[int]:
@@ -69,12 +72,20 @@ class StreamLayout:
         return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, shape, dtype in self.params)
 
     def fingerprint(self) -> str:
-        samples = ((name, shape, dtype, self.checkpoint.sample(name).to(dtype)) for name, shape, dtype in self.params)
+        samples = ((name, shape, dtype, self.checkpoint.sample(self.key(name)).to(dtype))
+                   for name, shape, dtype in self.params)
         return fingerprint(samples)
 
+    def key(self, name: str) -> str:
+        """The checkpoint's name for the model's tensor ``name`` (with or without the base model's prefix)."""
+        if name not in self.checkpoint and self.prefix and name.removeprefix(self.prefix) in self.checkpoint:
+            return name.removeprefix(self.prefix)
+        return name
+
     def read_weight(self, projection: Projection) -> torch.Tensor:
-        """A projection's weight as ``load_model`` would hold it (CPU, load dtype)."""
-        return self.checkpoint.read(f"{projection.name}.weight").to(self.dtype)
+        """A projection's [out, in] weight as ``load_model`` would hold it (CPU, load dtype)."""
+        stored = self.checkpoint.read(self.key(f"{projection.module_name}.{projection.param}"))
+        return projection.matrix(stored).to(self.dtype)
 
 
 def model_layout(
@@ -94,10 +105,15 @@ def model_layout(
     checkpoint = Checkpoint(folder)
     params = [(name, tuple(p.shape), p.dtype) for name, p in skeleton.named_parameters()]
     projections = find_projections(skeleton)
-    missing = [p.name for p in projections if f"{p.name}.weight" not in checkpoint]
-    if missing:
-        raise ModelLoadError(f"{folder}: the checkpoint has no weight for {missing[0]} (names differ from the model's)")
-    return StreamLayout(folder, checkpoint, projections, params, torch_dtype)
+    base = getattr(skeleton, "base_model_prefix", "")
+    layout = StreamLayout(folder, checkpoint, projections, params, torch_dtype, f"{base}." if base else "",
+                          projection_coverage(skeleton))
+    # Where transformers renames or fuses tensors at load time (MoE experts, GPT-NeoX's embed_out -> lm_head), the
+    # model's tensors have no name in the checkpoint: such a model is loaded whole, not streamed.
+    missing = next((name for name, _, _ in params if layout.key(name) not in checkpoint), None)
+    if missing is not None:
+        layout.unreadable = f"the checkpoint has no tensor {missing} (names differ from the model's)"
+    return layout
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
@@ -260,6 +276,8 @@ def stream_spectra(
     if rule not in XMIN_RULES:
         raise ActTailError(f"unknown xmin rule {rule!r}; choose one of {', '.join(XMIN_RULES)}")
     layout = layout or model_layout(folder, dtype, device, trust_remote_code)
+    if layout.unreadable:
+        raise ModelLoadError(f"{folder} cannot be read one decoder layer at a time: {layout.unreadable}")
     name = name or str(folder)
     projections = layout.projections
     layers = len(layout.layers)

@@ -32,9 +32,10 @@ import torch
 from .budget import Budget
 from .errors import ActTailError
 from .integrity import file_digest_problem, record_file_digest
+from .intercept import intercept
 from .models import LoadedModel, cache_root
 from .progress import ProgressFn, report
-from .projections import Projection, find_projections, get_module
+from .projections import Projection, find_projections
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class ThresholdTable:
         if self.model is not None and self.calib_ids is not None:
             key = hashlib.sha256(json.dumps(budget.sparsity_by_name(), sort_keys=True).encode()).hexdigest()
             if key not in self._by_budget:
-                self._by_budget[key] = budget_thresholds(self.model, budget, self.calib_ids)
+                # an expert no calibration token was routed to keeps its dense-quantile threshold
+                self._by_budget[key] = self.dense_thresholds_for(budget) | budget_thresholds(
+                    self.model, budget, self.calib_ids)
             return dict(self._by_budget[key])
         return self.dense_thresholds_for(budget)
 
@@ -160,27 +163,23 @@ def calibrate_on_chunks(
     generator = torch.Generator().manual_seed(seed)
     collected: dict[str, list[torch.Tensor]] = {p.name: [] for p in projections}
 
-    def make_hook(name: str):
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            flat = args[0].detach().reshape(-1)
+    def record(name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        if flat.numel():
             idx = torch.randint(0, flat.numel(), (min(per_call, flat.numel()),), generator=generator)
             collected[name].append(flat[idx.to(flat.device)].abs().float().cpu())
 
-        return hook
-
-    handles = [get_module(model, p.name).register_forward_pre_hook(make_hook(p.name)) for p in projections]
     device = model.get_input_embeddings().weight.device
-    try:
-        with torch.no_grad():
-            for i in range(n_chunks):
-                model(input_ids=chunks[i : i + 1].to(device), use_cache=False)
-                report(progress, i + 1, n_chunks, "calibrating thresholds")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), intercept(model, projections, record):
+        for i in range(n_chunks):
+            model(input_ids=chunks[i : i + 1].to(device), use_cache=False)
+            report(progress, i + 1, n_chunks, "calibrating thresholds")
     grid = torch.linspace(0.0, 1.0, GRID_POINTS, dtype=torch.float64)
     rows = []
     for p in projections:
+        if not collected[p.name]:  # an expert no calibration token was routed to: threshold 0, it stays dense
+            rows.append(np.zeros(GRID_POINTS, dtype=np.float32))
+            continue
         values = torch.cat(collected[p.name]).double()
         rows.append(torch.quantile(values, grid).float().numpy())
     return ThresholdTable(
@@ -207,38 +206,30 @@ def budget_thresholds(
     """
     from .budget import check_budget_matches
 
-    check_budget_matches(budget, find_projections(model))
+    projections = find_projections(model)
+    check_budget_matches(budget, projections)
     generator = torch.Generator().manual_seed(seed)
+    sparsity_of = budget.sparsity_by_name()
     found: dict[str, float] = {}
 
-    def make_hook(name: str, sparsity: float):
-        def hook(module: torch.nn.Module, args: tuple):
-            x = args[0]
-            if sparsity <= 0:
-                found[name] = 0.0
-                return None
-            flat = x.detach().reshape(-1)
-            if flat.numel() > samples:
-                idx = torch.randint(0, flat.numel(), (samples,), generator=generator).to(flat.device)
-                flat = flat[idx]
-            values = flat.abs().float()
-            rank = min(values.numel(), max(1, int(round(sparsity * values.numel()))))
-            threshold = float(values.kthvalue(rank).values)
-            found[name] = threshold
-            return (torch.nn.functional.hardshrink(x, threshold),) + tuple(args[1:])
+    def threshold_and_apply(name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        sparsity = sparsity_of[name]
+        flat = x.detach().reshape(-1)
+        if sparsity <= 0 or flat.numel() == 0:
+            found[name] = 0.0
+            return None
+        if flat.numel() > samples:
+            idx = torch.randint(0, flat.numel(), (samples,), generator=generator).to(flat.device)
+            flat = flat[idx]
+        values = flat.abs().float()
+        rank = min(values.numel(), max(1, int(round(sparsity * values.numel()))))
+        threshold = float(values.kthvalue(rank).values)
+        found[name] = threshold
+        return torch.nn.functional.hardshrink(x, threshold)
 
-        return hook
-
-    handles = [
-        get_module(model, e.name).register_forward_pre_hook(make_hook(e.name, e.sparsity)) for e in budget.projections
-    ]
     device = model.get_input_embeddings().weight.device
-    try:
-        with torch.no_grad():
-            model(input_ids=chunks.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), intercept(model, projections, threshold_and_apply):
+        model(input_ids=chunks.to(device), use_cache=False)
     return found
 
 

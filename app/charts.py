@@ -60,6 +60,36 @@ def alpha_color_range(spectra: Spectra) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def one_per_cell(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
+    """One row per (layer, type): a mixture of experts has one projection per expert in each cell.
+
+    Such cells hold the mean of each column in ``values`` over the cell's members (``members`` counts
+    them; ``name`` becomes the experts module's name, other columns are the first member's). Frames
+    without shared cells come back with ``members`` = 1 and nothing else changed.
+    """
+    if not frame.duplicated(["layer", "type"]).any():
+        return frame.assign(members=1)
+    frame = frame.assign(**{v: pd.to_numeric(frame[v], errors="coerce") for v in values})
+    grouped = frame.groupby(["layer", "type"], sort=False)
+    cells = grouped.first().reset_index()
+    means = grouped[list(values)].mean().reset_index(drop=True)
+    for v in values:
+        cells[v] = means[v].to_numpy()
+    cells["members"] = grouped.size().to_numpy()
+    shared = cells["members"] > 1
+    # "model.layers.0.mlp.experts.3.gate" -> "model.layers.0.mlp.experts (8 experts)"
+    cells.loc[shared, "name"] = [f"{n.rsplit('.', 2)[0]} ({m} experts)" for n, m in
+                                 zip(cells.loc[shared, "name"], cells.loc[shared, "members"])]
+    return cells
+
+
+def _mean_text(frame: pd.DataFrame, text: pd.Series) -> pd.Series:
+    """Hover text of a cell's value, as "mean ... of N experts" where the cell holds several (the other hover
+    fields of such a cell are means too)."""
+    return pd.Series([t if m == 1 else f"mean {t} of {m} experts" for t, m in zip(text, frame["members"])],
+                     index=frame.index)
+
+
 def _grid(frame: pd.DataFrame, value: str) -> tuple[list[int], list[str], np.ndarray]:
     """(layers, types, values as a layers x types array, NaN where a layer lacks a type)."""
     layers = sorted(frame["layer"].unique().tolist())
@@ -105,11 +135,12 @@ def alpha_heatmap(spectra: Spectra, highlight: Optional[tuple[int, str]] = None)
     clicking a cell selects its marker, which Streamlit reports as a selection event.
     ``highlight`` = (layer, type) outlines that cell.
     """
-    frame = spectra.to_frame()
+    frame = one_per_cell(spectra.to_frame(), ["alpha", "xmin", "ks_distance", "tail_size"])
     frame["shape"] = frame["out_features"].astype(str) + " x " + frame["in_features"].astype(str)
-    frame["alpha_text"] = frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit")
+    frame["alpha_text"] = _mean_text(frame, frame["alpha"].map(lambda a: f"{a:.3f}" if np.isfinite(a) else "no fit"))
     frame["xmin_text"] = frame["xmin"].map(lambda v: f"{v:.4g}")
     frame["ks_text"] = frame["ks_distance"].map(lambda v: f"{v:.4f}")
+    frame["tail_size"] = frame["tail_size"].map(lambda v: f"{v:.0f}")
     layers, types, alpha = _grid(frame, "alpha")
     custom = _custom(frame, layers, types, ["alpha_text", "xmin_text", "ks_text", "shape", "tail_size", "name"])
     zmin, zmax = alpha_color_range(spectra)
@@ -163,9 +194,10 @@ def alpha_heatmap(spectra: Spectra, highlight: Optional[tuple[int, str]] = None)
 
 def sparsity_heatmap(budget: Budget, title: str, height: Optional[int] = None) -> go.Figure:
     """Per-projection sparsity on the fixed 0..1 sparsity scale."""
-    frame = budget.to_frame()
+    frame = one_per_cell(budget.to_frame(), ["sparsity", "keep", "alpha"])
     frame["alpha_text"] = frame["alpha"].map(lambda a: "-" if a is None or not np.isfinite(a) else f"{a:.3f}")
-    frame["sparsity_text"] = frame["sparsity"].map(lambda s: f"{s:.3f}")
+    frame["sparsity_text"] = _mean_text(frame, frame["sparsity"].map(lambda s: f"{s:.3f}"))
+    frame["keep"] = frame["keep"].map(lambda k: f"{k:.0f}")
     layers, types, sparsity = _grid(frame, "sparsity")
     custom = _custom(frame, layers, types, ["sparsity_text", "keep", "in_features", "alpha_text", "name"])
     heatmap = go.Heatmap(

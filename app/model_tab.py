@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from acttail_core.projections import projection_coverage
 from app.state import AppContext, projection_table
 
 
@@ -25,3 +26,9 @@ def render(ctx: AppContext) -> None:
     )
     st.markdown("**Projections** (their inputs are what ActTail sparsifies):")
     st.dataframe(projection_table(ctx.projections), hide_index=True, width="content")
+    coverage = projection_coverage(ctx.loaded.model)
+    taken_and_skipped = "\n".join(f"* {line}" for line in coverage.lines())
+    if coverage.mapped:
+        st.caption(taken_and_skipped)
+    else:  # every linear layer was taken without a map: the user should know
+        st.warning(taken_and_skipped, icon=":material/info:")

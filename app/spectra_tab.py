@@ -29,7 +29,9 @@ def _selected_cell(event: Any) -> Optional[tuple[int, str]]:
 def _heatmap_and_esd(ctx: AppContext) -> None:
     """A fragment: clicking a cell or changing the pickers reruns only this part."""
     spectra = ctx.spectra
-    by_cell = {(e.layer, e.type): e for e in spectra.entries}
+    by_cell: dict[tuple[int, str], list] = {}  # a mixture of experts has one entry per expert in a cell
+    for e in spectra.entries:
+        by_cell.setdefault((e.layer, e.type), []).append(e)
     layers = sorted({e.layer for e in spectra.entries})
     types = charts.ordered_types(e.type for e in spectra.entries)
 
@@ -58,7 +60,15 @@ def _heatmap_and_esd(ctx: AppContext) -> None:
         pick_layer, pick_type = st.columns(2)
         layer = pick_layer.selectbox("Layer", layers, key="esd_layer", help="Or click a cell of the heatmap.")
         proj_type = pick_type.selectbox("Projection type", types, key="esd_type", help="Or click a cell of the heatmap.")
-        entry = by_cell.get((layer, proj_type))
+        members = by_cell.get((layer, proj_type), [])
+        entry = members[0] if members else None
+        if len(members) > 1:  # the heatmap shows the experts' mean; pick one expert's ESD
+            labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
+            if st.session_state.get("esd_expert") not in range(len(members)):
+                st.session_state["esd_expert"] = 0
+            picked = st.selectbox(f"Expert ({len(members)} in this cell; the heatmap shows their mean alpha)",
+                                  range(len(members)), format_func=labels.__getitem__, key="esd_expert")
+            entry = members[picked]
         if entry is None:
             st.info(f"Layer {layer} has no {proj_type} projection.")
         else:

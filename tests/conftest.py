@@ -52,6 +52,40 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermedia
     return model
 
 
+# Tiny random models of every family the projection map covers, from transformers' own configs (no download).
+TINY_FAMILIES: dict[str, dict] = {
+    "llama": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=2),
+    "qwen2": dict(num_key_value_heads=2),
+    "qwen3": dict(num_key_value_heads=2, head_dim=8),
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=8),
+    "phi3": dict(num_key_value_heads=2),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "gpt2": dict(n_inner=64),
+    "gpt_neox": dict(),
+    "falcon": dict(),  # multi-query: q | k | v
+    "mixtral": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=64),
+}
+
+
+def make_tiny_family(family: str, seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
+    """A random ``family`` model with hidden size 32, 4 heads and the byte tokenizer's 259-token vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=259, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=512, bos_token_id=256, eos_token_id=257,
+                    pad_token_id=258)
+    settings.update(TINY_FAMILIES.get(family, {}))
+    settings.update(overrides)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 @pytest.fixture
 def tiny_loaded() -> LoadedModel:
     return from_module(make_tiny_llama(), byte_tokenizer(), name="tiny-llama")

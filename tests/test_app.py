@@ -419,3 +419,37 @@ def test_evaluate_tab_explains_a_missing_engine(monkeypatch):
     assert not at.exception and not at.error
     assert any("evaluation engine" in info.value for info in at.info)
     assert metric(at, "Effective sparsity") == "0.5000"  # the other tabs still work
+
+
+# --------------------------------------------------------------------------- other families
+
+
+@pytest.mark.parametrize("family, projections", [("phi3", 14), ("mixtral", 32), ("starcoder2", 12)])
+def test_fused_moe_and_unmapped_model_directories_load(family, projections, tmp_path, monkeypatch):
+    """Phi-3 (fused q|k|v and gate|up), Mixtral (experts) and a family without a map, from local directories: every
+    tab draws, the Model tab says what was taken and skipped, and the Spectra tab drills into one expert."""
+    from acttail_core.models import load_model
+    from acttail_core.spectra import compute_spectra
+    from tests.conftest import byte_tokenizer, make_tiny_family
+
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / family
+    make_tiny_family(family).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    at = run_app(model="local directory", path=str(folder))
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    assert metric(at, "Projections") == str(projections)
+    notices = " ".join(c.value for c in at.caption) + " ".join(w.value for w in at.warning)
+    assert "taken: " in notices and "skipped: " in notices and "lm_head (outside the decoder layers)" in notices
+    assert ("is not in the projection map" in notices) == (family == "starcoder2")
+    assert "alpha_heatmap" in " ".join(plotly_keys(at)) and "current_budget" in at.session_state
+    if family == "phi3":
+        assert "taken: self_attn.qkv_proj -> q, k, v; self_attn.o_proj -> o; mlp.gate_up_proj -> gate, up" in notices
+    if family == "mixtral":
+        assert "mlp.experts -> gate, up, down of 4 experts" in notices and "mlp.gate (router)" in notices
+        at.selectbox(key="esd_layer").set_value(1)
+        at.selectbox(key="esd_type").set_value("down").run()
+        at.selectbox(key="esd_expert").set_value(2).run()
+        assert not at.exception and not at.error
+        entry = compute_spectra(load_model(str(folder))).by_name()["model.layers.1.mlp.experts.2.down"]
+        assert f"alpha = **{entry.alpha:.3f}**" in " ".join(c.value for c in at.caption)

@@ -92,3 +92,21 @@ def test_results_charts_build():
          "ppl": [20.0, 25.0, 20.0], "target_sparsity": [0.5] * 3, "corpus": ["demo"] * 3, "tokens": [1024] * 3}
     )
     assert [trace.name for trace in charts.history_chart(history).data] == ["dense", "acttail"]
+
+
+def test_experts_share_a_cell_that_shows_their_mean(tmp_path, monkeypatch):
+    from acttail_core.models import from_module
+    from tests.conftest import byte_tokenizer, make_tiny_family
+
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    spectra = compute_spectra(from_module(make_tiny_family("mixtral"), byte_tokenizer()))
+    heatmap, cells = charts.alpha_heatmap(spectra).data
+    assert list(heatmap.x) == ["q", "k", "v", "o", "gate", "up", "down"] and np.asarray(heatmap.z).shape == (2, 7)
+    experts = [e.alpha for e in spectra.entries if e.layer == 1 and e.type == "up"]
+    assert len(experts) == 4 and np.asarray(heatmap.z)[1, 5] == pytest.approx(np.mean(experts))
+    hover = [tuple(c) for c in cells.customdata if c[-1] == "model.layers.1.mlp.experts (4 experts)"]
+    assert len(hover) == 3 and any(c[0] == f"mean {np.mean(experts):.3f} of 4 experts" for c in hover)
+    budget = allocate(spectra, 0.6, AllocationSettings())
+    z = np.asarray(charts.sparsity_heatmap(budget, "t").data[0].z)
+    downs = [e.sparsity for e in budget.projections if e.layer == 0 and e.type == "down"]
+    assert z[0, 6] == pytest.approx(np.mean(downs))

@@ -59,3 +59,23 @@ def test_module_entry_point_exit_code(tmp_path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: sparsity must be in [0, 0.95], got 2.0"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family, printed", [
+    ("phi3", ["the phi3 projection map", "taken: self_attn.qkv_proj -> q, k, v; self_attn.o_proj -> o; "
+              "mlp.gate_up_proj -> gate, up; mlp.down_proj -> down", "skipped: lm_head (outside the decoder layers)"]),
+    ("mixtral", ["mlp.experts -> gate, up, down of 4 experts", "skipped: model.layers.*.mlp.gate (router)"]),
+    ("starcoder2", ["model family 'starcoder2' is not in the projection map: every linear layer of the decoder layers "
+                    "was taken", "mlp.c_fc -> c_fc; mlp.c_proj -> c_proj"]),
+])
+def test_cli_says_which_linear_layers_it_took_and_skipped(family, printed, tmp_path, monkeypatch, capsys) -> None:
+    from tests.conftest import byte_tokenizer, make_tiny_family
+
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / family
+    make_tiny_family(family).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    assert main(["spectra", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    for line in printed:
+        assert line in out

@@ -1,14 +1,23 @@
 """Greedy baseline: exact target, cheap projections sparsified first, per-layer scope, cached curves."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from acttail_core import greedy
+from acttail_core.budget import make_budget
+from acttail_core.corpora import demo_dir, ensure_demo_corpus
 from acttail_core.errors import ActTailError
 from acttail_core.greedy import ErrorCurves, LEVELS, greedy_budget, greedy_sparsities
-from acttail_core.projections import Projection
+from acttail_core.intercept import intercept
+from acttail_core.models import from_module
+from acttail_core.projections import Projection, decoder_layers, find_projections
+from acttail_core.sparsify import sparsify
+from tests.conftest import byte_tokenizer, make_tiny_family
 
 
 def synthetic_curves(costs: list[float], layers: list[int]) -> ErrorCurves:
@@ -129,14 +138,6 @@ def test_block_walk_takes_the_step_with_least_output_error() -> None:
 
 
 def test_greedy_block_on_tiny_model_applies_upstream_sparsity_and_caches(tiny_loaded, tmp_path, monkeypatch) -> None:
-    import shutil
-
-    import torch
-
-    from acttail_core.corpora import demo_dir, ensure_demo_corpus
-    from acttail_core.projections import decoder_layers
-    from acttail_core.sparsify import sparsify
-
     real = ensure_demo_corpus()
     monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
     shutil.copytree(real, demo_dir())
@@ -179,25 +180,17 @@ def test_greedy_block_on_tiny_model_applies_upstream_sparsity_and_caches(tiny_lo
 def test_block_masks_match_the_sparsifier_row_by_row(tiny_loaded) -> None:
     """One batched run of copies of a layer's input with a keep count per row equals, row by row, the same
     layer run under sparsify() with each row's budget (the engine's TopK semantics)."""
-    import torch
-
-    from acttail_core.budget import make_budget
-    from acttail_core.projections import find_projections
-    from acttail_core.sparsify import sparsify
-
     projections = find_projections(tiny_loaded.model)
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
     hidden, calls = greedy._record_layer_calls(tiny_loaded, ids)
     block = [i for i, p in enumerate(projections) if p.layer == 0]
     rows = np.random.default_rng(3).uniform(0, 0.9, size=(4, len(block)))
     rows[0] = 0.0  # a dense row among sparse ones
-    masks = greedy._BlockMasks(tiny_loaded.model, [projections[i] for i in block])
-    try:
-        masks.set(rows)
-        with torch.no_grad():
-            batched = greedy._layer_forward(calls[0], hidden.expand(len(rows), *hidden.shape[1:]))
-    finally:
-        masks.remove()
+    masks = greedy._BlockMasks([projections[i] for i in block])
+    assert masks.batched  # no experts in a Llama layer
+    masks.set(rows)
+    with torch.no_grad(), intercept(tiny_loaded.model, masks.projections, masks):
+        batched = greedy._layer_forward(calls[0], hidden.expand(len(rows), *hidden.shape[1:]))
     for row, sparsities in zip(batched, rows):
         full = np.zeros(len(projections))
         full[block] = sparsities
@@ -208,3 +201,22 @@ def test_block_masks_match_the_sparsifier_row_by_row(tiny_loaded) -> None:
             alone = greedy._layer_forward(calls[0], hidden)
         torch.testing.assert_close(row, alone[0], rtol=1e-5, atol=1e-5)
     assert not any(h for module in tiny_loaded.model.modules() for h in module._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+def test_greedy_block_on_experts_and_fused_projections(family, tmp_path, monkeypatch) -> None:
+    """Experts (measured one candidate at a time) and fused slices (q/k/v of one qkv_proj) reach the exact per-layer
+    target through the same intercept as the sparsifier."""
+    real = ensure_demo_corpus()
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    shutil.copytree(real, demo_dir())
+    loaded = from_module(make_tiny_family(family, layers=1), byte_tokenizer(), name=f"tiny-{family}")
+    projections = find_projections(loaded.model)
+    masks = greedy._BlockMasks(projections)
+    assert masks.batched == (family != "mixtral")
+    s = greedy.greedy_block_sparsities(loaded, 0.3, tokens=16, step=0.3, use_cache=False)  # coarse: seconds
+    params = np.array([p.params for p in projections], dtype=float)
+    for layer in {p.layer for p in projections}:
+        block = [i for i, p in enumerate(projections) if p.layer == layer]
+        assert abs(np.dot(params[block], s[block]) / params[block].sum() - 0.3) < 1e-9
+    assert np.ptp(s) > 0  # the walk chose, it did not spread evenly

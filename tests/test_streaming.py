@@ -19,10 +19,11 @@ from acttail_core import spectra as spectra_mod
 from acttail_core.checkpoint import Checkpoint, tensor_sample
 from acttail_core.errors import ModelLoadError
 from acttail_core.models import LoadedModel, load_model
+from acttail_core.projections import projection_coverage
 from acttail_core.spectra import XMIN_RULES, compute_spectra
 from acttail_core.streaming import model_layout, spectra_of, stream_spectra
 
-from .conftest import byte_tokenizer, make_tiny_llama
+from .conftest import byte_tokenizer, make_tiny_family, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +161,43 @@ def test_offloaded_model_spectra_are_streamed(sharded_dir, cache, tmp_path) -> N
     assert offloaded.fingerprint == whole.fingerprint
     streamed = spectra_of(offloaded, "ks", use_cache=False)
     np.testing.assert_array_equal(streamed.alphas(), compute_spectra(whole, "ks", use_cache=False).alphas())
+
+
+def _saved(family: str, folder: Path, strip_prefix: str = "") -> Path:
+    """A tiny ``family`` model directory; ``strip_prefix`` renames its tensors as hub checkpoints of GPT-2 do."""
+    from safetensors.torch import save_file
+
+    make_tiny_family(family, seed=2).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    if strip_prefix:
+        tensors = load_file(folder / "model.safetensors")
+        save_file({k.removeprefix(strip_prefix): v for k, v in tensors.items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("family, strip", [("phi3", ""), ("gpt2", "transformer.")])
+def test_fused_and_conv1d_projections_stream_like_the_loaded_model(family, strip, tmp_path, cache) -> None:
+    folder = _saved(family, tmp_path / family, strip)
+    loaded = load_model(str(folder))
+    whole = compute_spectra(loaded, "ks", use_cache=False)
+    streamed = stream_spectra(folder, rule="ks", use_cache=False).spectra
+    assert streamed.fingerprint == loaded.fingerprint
+    assert streamed.projections() == whole.projections()
+    for a, b in zip(whole.entries, streamed.entries):
+        np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+
+
+@pytest.mark.parametrize("family, tensor", [("mixtral", "model.layers.0.mlp.gate.weight"),
+                                            ("gpt_neox", "lm_head.weight")])
+def test_renamed_checkpoints_cannot_be_streamed_and_say_why(family, tensor, tmp_path, cache) -> None:
+    """transformers renames Mixtral's router and fuses its experts, and renames GPT-NeoX's head, at load time: the
+    layout says so, streaming refuses by name, and a model that fits is loaded whole (the CLI reads the layout of
+    every local directory)."""
+    folder = _saved(family, tmp_path / family)
+    layout = model_layout(folder)
+    assert f"no tensor {tensor} " in layout.unreadable
+    with pytest.raises(ModelLoadError, match="cannot be read one decoder layer at a time: the checkpoint has no"):
+        stream_spectra(folder, use_cache=False)
+    assert cli.main(["spectra", "--model", str(folder)]) == 0
+    assert projection_coverage(load_model(str(folder)).model).projections == len(layout.projections)
