@@ -40,8 +40,22 @@ Both maps are monotone in alpha in the chosen direction (clipping preserves
 order), and both redistribute clipped mass by re-solving ``c``. The target must
 lie in ``[0, 0.95]`` and in ``[lower, upper]``; anything else is refused.
 
-``greedy`` is listed with the methods but needs the model, not alpha: see
-``greedy.greedy_budget``.
+``greedy`` and ``greedy-block`` are listed with the methods but need the model,
+not alpha: see ``greedy.greedy_budget`` and ``greedy.greedy_block_budget``.
+
+Ablations (where does the gain come from?)
+------------------------------------------
+Two transforms of the measured alphas, fed to the same maps, separate what
+alpha says about a projection's *type* from what it says about the projection:
+
+* ``type_mean_alphas``: every projection gets the mean alpha of its type, so
+  only the differences between types remain;
+* ``permuted_alphas``: the alphas of each type shuffled among that type's
+  projections (a seeded permutation), so every type keeps its mean and its
+  spread but the link between a projection and its own alpha is cut.
+
+If the permuted alphas do as well as the measured ones, alpha carries no
+signal beyond the projection type.
 """
 from __future__ import annotations
 
@@ -67,8 +81,9 @@ class AllocationSettings:
     The defaults (acttail, keep-light, projection, T = 0.15, with the ``mid``
     xmin rule of ``spectra.DEFAULT_RULE``) won the allocation study's selection
     on lcet10 over SmolLM2-135M and Gemma-3-270M at sparsities 0.5-0.8
-    (bench/results/study/report.md): the HT-SR reading (keep-heavy) lost to
-    uniform there, as METHOD.md section 3 also found.
+    (bench/results/study/round1_h200/report.md): the HT-SR reading
+    (keep-heavy) lost to uniform there. ``calibration.calibrate`` chooses
+    them per model and target instead.
     """
 
     method: str = "acttail"
@@ -129,9 +144,9 @@ def scores(
     elif group == "layer":
         layers = np.array([p.layer for p in projections])
         unique = list(dict.fromkeys(layers))
-        layer_mean = np.array([alpha[layers == l].mean() for l in unique])
+        layer_mean = np.array([alpha[layers == layer].mean() for layer in unique])
         layer_z = dict(zip(unique, _standardise(layer_mean)))
-        z = np.array([layer_z[l] for l in layers])
+        z = np.array([layer_z[layer] for layer in layers])
     else:
         raise ActTailError(f"unknown group {group!r}")
     return z if direction == "keep-heavy" else -z
@@ -176,8 +191,8 @@ def allocate_sparsities(
     """Per-projection sparsities (same order as ``projections``) from alpha; greedy needs the model instead."""
     settings.validate()
     check_target(sparsity, settings)
-    if settings.method == "greedy":
-        raise ActTailError("the greedy method measures the model's output error: use greedy.greedy_budget")
+    if settings.method in ("greedy", "greedy-block"):
+        raise ActTailError(f"the {settings.method} method measures the model's output error: use the greedy module")
     params = np.array([p.params for p in projections], dtype=np.float64)
     n = len(projections)
     if settings.method == "uniform" or sparsity == 0 or (settings.method == "linear" and settings.eps == 0):
@@ -209,10 +224,42 @@ def allocate_sparsities(
     return _solve(sparsity_at, params, sparsity, 0.0, settings.upper / eta.min(), settings.lower, settings.upper)
 
 
-def allocate(spectra: Spectra, sparsity: float, settings: AllocationSettings = AllocationSettings()) -> Budget:
-    """A validated ``Budget`` for the spectra's model at the target sparsity."""
+def type_mean_alphas(alphas: Sequence[float], projections: Sequence[Projection]) -> np.ndarray:
+    """Ablation: each projection's alpha replaced by the mean (finite) alpha of its type."""
+    alpha = finite_alpha(np.asarray(alphas, dtype=np.float64))
+    types = np.array([p.type for p in projections])
+    out = np.empty_like(alpha)
+    for t in dict.fromkeys(types):
+        mask = types == t
+        out[mask] = alpha[mask].mean()
+    return out
+
+
+def permuted_alphas(alphas: Sequence[float], projections: Sequence[Projection], seed: int) -> np.ndarray:
+    """Ablation: the (finite) alphas of each type shuffled among that type's projections, reproducibly per seed."""
+    alpha = finite_alpha(np.asarray(alphas, dtype=np.float64))
+    types = np.array([p.type for p in projections])
+    rng = np.random.default_rng(seed)
+    out = alpha.copy()
+    for t in dict.fromkeys(types):
+        index = np.flatnonzero(types == t)
+        out[index] = alpha[rng.permutation(index)]
+    return out
+
+
+def allocate(
+    spectra: Spectra,
+    sparsity: float,
+    settings: AllocationSettings = AllocationSettings(),
+    alphas: Optional[Sequence[float]] = None,
+) -> Budget:
+    """A validated ``Budget`` for the spectra's model at the target sparsity.
+
+    ``alphas`` replaces the measured alphas (the ablations above); the budget then records those.
+    """
     projections = spectra.projections()
-    sparsities = allocate_sparsities(spectra.alphas(), projections, sparsity, settings)
+    alphas = spectra.alphas() if alphas is None else np.asarray(alphas, dtype=np.float64)
+    sparsities = allocate_sparsities(alphas, projections, sparsity, settings)
     uses_alpha = settings.method != "uniform"
     return make_budget(
         projections,
@@ -221,7 +268,7 @@ def allocate(spectra: Spectra, sparsity: float, settings: AllocationSettings = A
         model_fingerprint=spectra.fingerprint,
         method=settings.method,
         target_sparsity=sparsity,
-        alphas=spectra.alphas(),
+        alphas=alphas,
         temperature=settings.temperature if settings.method == "acttail" else None,
         eps=settings.eps if settings.method == "linear" else None,
         direction=settings.direction if uses_alpha else None,
@@ -231,7 +278,11 @@ def allocate(spectra: Spectra, sparsity: float, settings: AllocationSettings = A
 
 
 def uniform_budget(
-    projections: Sequence[Projection], sparsity: float, model_name: str, fingerprint: str, alphas: Optional[Sequence[float]] = None
+    projections: Sequence[Projection],
+    sparsity: float,
+    model_name: str,
+    fingerprint: str,
+    alphas: Optional[Sequence[float]] = None,
 ) -> Budget:
     """The uniform baseline (every projection at ``sparsity``), needs no spectra."""
     check_target(sparsity, AllocationSettings())

@@ -1,11 +1,11 @@
 """The budget JSON: a versioned, validated record of per-projection sparsity.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2; version 1 files still load)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "model_name": "default",            "model_fingerprint": "ed60cef1939e2ebe",
-      "method": "acttail",                 # uniform | acttail | linear | greedy
+      "method": "acttail",                 # uniform | acttail | linear | greedy | greedy-block
       "target_sparsity": 0.7,
       "temperature": 1.0, "eps": null,     # the knob of the method used (null when unused)
       "direction": "keep-light",           # keep-heavy | keep-light | null
@@ -14,12 +14,19 @@ Schema (``schema_version`` 1)::
       "weighting": "params",
       "effective_sparsity": 0.7,           # sum(params * sparsity) / sum(params)
       "tool_version": "0.1.0", "created_at": "2026-11-29T14:00:00+00:00",
+      "calibration": null,                 # or how `calibrate` chose the settings above:
+      # {"texts": ["demo:lcet10", "demo:asyoulik"], "tokens": 2046, "seqlen": 1024,
+      #  "search": "coordinate", "runs": 11, "seconds": 412.0,
+      #  "uniform_nll": 6.65, "nll": 6.18}   (mean NLL per token on the calibration text; ppl = exp)
       "projections": [
         {"name": "model.layers.0.self_attn.q_proj", "layer": 0, "type": "q",
          "in_features": 576, "out_features": 576, "params": 331776,
          "alpha": 3.1, "sparsity": 0.62, "keep": 219}, ...
       ]
     }
+
+Version 2 added ``calibration`` and the method ``greedy-block``; a version 1 file has neither
+(both are refused there, naming the field) and loads unchanged otherwise.
 
 ``keep`` is the number of input entries kept per token: ``round((1 - sparsity) * in_features)``
 (halves rounded up), at least 1.
@@ -40,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from . import __version__
 from .errors import BudgetError, setting
@@ -49,8 +56,10 @@ from .safe_io import write_text
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-METHODS = ("uniform", "acttail", "linear", "greedy")
+SCHEMA_VERSION = 2  # what this tool writes
+READABLE_VERSIONS = (1, 2)
+METHODS = ("uniform", "acttail", "linear", "greedy", "greedy-block")
+V2_METHODS = ("greedy-block",)
 MAX_TARGET = 0.95  # the highest global target any method accepts
 # Past T ~ 50 the acttail map is already a strict ordering by score; the cap keeps T * score far from overflow.
 MAX_TEMPERATURE = 1000.0
@@ -85,6 +94,21 @@ class BudgetEntry(BaseModel):
         return self
 
 
+class CalibrationRecord(BaseModel):
+    """How ``calibrate`` chose a budget's settings (schema version 2)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
+
+    texts: list[str] = Field(min_length=1)
+    tokens: int = Field(gt=0)  # tokens scored per run
+    seqlen: int = Field(gt=1)
+    search: Literal["coordinate"]
+    runs: int = Field(ge=1)  # perplexity runs the search made
+    seconds: float = Field(ge=0.0)
+    uniform_nll: float  # mean NLL per token (nats) of uniform at the target, on the calibration text
+    nll: float  # the same for the chosen settings
+
+
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, protected_namespaces=(), strict=True)
 
@@ -102,20 +126,30 @@ class Budget(BaseModel):
     effective_sparsity: float = Field(ge=0.0, lt=1.0)
     tool_version: str
     created_at: str
+    calibration: Optional[CalibrationRecord] = None
     projections: list[BudgetEntry] = Field(min_length=1)
 
     @field_validator("schema_version")
     @classmethod
     def _version(cls, value: int) -> int:
-        if value != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema_version {value}; this tool reads version {SCHEMA_VERSION}")
+        if value not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported schema_version {value}; this tool reads versions 1 and 2")
         return value
 
     @field_validator("method")
     @classmethod
-    def _method(cls, value: str) -> str:
+    def _method(cls, value: str, info: ValidationInfo) -> str:
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
+        if value in V2_METHODS and info.data.get("schema_version") == 1:
+            raise ValueError(f"method {value!r} needs schema_version 2")
+        return value
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, value: Optional[CalibrationRecord], info: ValidationInfo) -> Optional[CalibrationRecord]:
+        if value is not None and info.data.get("schema_version") == 1:
+            raise ValueError("a calibration record needs schema_version 2")
         return value
 
     @field_validator("created_at")
@@ -137,7 +171,8 @@ class Budget(BaseModel):
         measured = weighted_sparsity(self.projections)
         if abs(measured - self.effective_sparsity) > 1e-6:
             raise ValueError(
-                f"effective_sparsity {self.effective_sparsity} does not match the projections' weighted mean {measured:.6f}"
+                f"effective_sparsity {self.effective_sparsity} does not match the projections' weighted mean "
+                f"{measured:.6f}"
             )
         if abs(self.target_sparsity - self.effective_sparsity) > 1e-6:  # every method meets its target exactly
             raise ValueError(
@@ -181,8 +216,9 @@ def make_budget(
     direction: Optional[str] = None,
     group: Optional[str] = None,
     xmin_rule: Optional[str] = None,
+    calibration: Optional[dict] = None,
 ) -> Budget:
-    """Build (and validate) a budget from per-projection sparsities."""
+    """Build (and validate) a budget from per-projection sparsities; ``calibration`` as ``CalibrationRecord``."""
     entries = []
     for i, (proj, s) in enumerate(zip(projections, sparsities)):
         alpha = None if alphas is None else float(alphas[i])
@@ -218,6 +254,7 @@ def make_budget(
         effective_sparsity=effective,
         tool_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        calibration=calibration,
         projections=entries,
     )
     return parse_budget(data)

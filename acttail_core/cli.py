@@ -45,9 +45,12 @@ def model_input(args: argparse.Namespace) -> Optional[str]:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="default | gemma3-270m | HF directory | .gguf file | hub id")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (accelerate device_map over all GPUs)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto | float32 | float16 | bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda | cuda:N | auto (accelerate device_map over all GPUs)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model's own Python code (off by default)")
 
 
 def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: bool = True) -> None:
@@ -56,7 +59,8 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
 
     defaults = AllocationSettings()
     if with_sparsity:
-        parser.add_argument("--sparsity", type=float, default=None, help="global target: parameter-weighted mean sparsity in [0, 0.95]")
+        parser.add_argument("--sparsity", type=float, default=None,
+                            help="global target: parameter-weighted mean sparsity in [0, 0.95]")
     parser.add_argument("--method", default=defaults.method, choices=METHODS)
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
@@ -113,7 +117,8 @@ def _spectra_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--rule", default=DEFAULT_RULE, choices=XMIN_RULES, help="ks = weightwatcher's default fit")
-    parser.add_argument("--backend", default="acttail", choices=BACKENDS, help="weightwatcher: the reference implementation (slow)")
+    parser.add_argument("--backend", default="acttail", choices=BACKENDS,
+                        help="weightwatcher: the reference implementation (slow)")
     parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     parser.add_argument("--out", default=None, help="write the spectra (with eigenvalues) to this JSON file")
 
@@ -184,18 +189,19 @@ def budget_summary(budget):
 
 
 def build_budget(args: argparse.Namespace, loaded, sparsity: float):
-    """The budget the CLI arguments ask for (acttail/linear/uniform, or greedy)."""
+    """The budget the CLI arguments ask for (acttail/linear/uniform, or a greedy)."""
     from .allocation import allocate, check_target
     from .progress import TqdmProgress
     from .spectra import check_spectra_match
     from .spectra_io import load_spectra
     from .streaming import spectra_of
 
-    if args.method == "greedy":
-        from .greedy import greedy_budget
+    if args.method in ("greedy", "greedy-block"):
+        from .greedy import greedy_block_budget, greedy_budget
 
         check_target(sparsity, settings_from_args(args))
-        return greedy_budget(loaded, sparsity, progress=TqdmProgress("greedy"))
+        make = greedy_budget if args.method == "greedy" else greedy_block_budget
+        return make(loaded, sparsity, progress=TqdmProgress(args.method))
     settings = settings_from_args(args)
     if getattr(args, "spectra", None):
         spectra = load_spectra(args.spectra)
@@ -217,7 +223,7 @@ def _allocate_run(args: argparse.Namespace) -> int:
         from .spectra_io import load_spectra
 
         load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
-    streamed = streamed_spectra(args) if args.method != "greedy" and not args.spectra else None
+    streamed = streamed_spectra(args) if args.method not in ("greedy", "greedy-block") and not args.spectra else None
     if streamed is not None:  # a model too large to load: allocation needs only its spectra
         from .allocation import allocate
 
@@ -245,10 +251,10 @@ def register(name: str, help_text: str, add_arguments, run) -> None:
 
 
 def _load_plugins() -> None:
-    """Commands defined next to the stage they drive (eval, bench, study)."""
+    """Commands defined next to the stage they drive (eval, bench, calibrate, study)."""
     import importlib
 
-    for module in ("cli_eval", "study"):
+    for module in ("cli_eval", "cli_calibrate", "study"):
         try:
             importlib.import_module(f"acttail_core.{module}")
         except ModuleNotFoundError as exc:
@@ -273,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # transformers' own progress bars and advice are noise in a CLI summary
         import os

@@ -1,18 +1,22 @@
-"""The allocation study: which alpha-to-budget settings beat uniform sparsity?
+"""The allocation study: per-model calibration against uniform and both greedies, and where the gain comes from.
 
-``python -m acttail_core study`` runs two phases on real models, with every run
-appended to ``runs.jsonl`` as it finishes (so an interrupted study resumes
-where it stopped) and a markdown report rewritten after each phase:
+``python -m acttail_core study`` runs four stages on real models. Every perplexity run is appended to
+``runs.jsonl`` as it finishes, keyed by model, text, tokens, chunk length, sparsity, setting, mode, device and
+dtype, so an interrupted study resumes where it stopped (and numbers from different devices never mix); the
+report is rewritten after each stage.
 
-1. **Selection** on one text (default ``demo:lcet10``): at the selection
-   sparsities, every acttail setting of the grid (direction x grouping x xmin
-   rule x temperature) and AlphaPruning's linear map are compared with uniform.
-   The winner is the setting with the lowest mean ``log(ppl / ppl_uniform)``
-   over all models and selection sparsities.
-2. **Held-out report** on other texts (default ``demo:alice29`` and
-   ``demo:plrabn12``): dense, uniform, acttail with the winning setting and the
-   greedy baseline at every report sparsity. Nothing is tuned here.
+1. ``calibrate``: for each model and report sparsity, ``calibration.calibrate`` on the calibration texts (its
+   perplexity runs are cached here like every other), then dense, uniform and the calibrated budget on the
+   held-out texts.
+2. ``baselines``: the per-projection greedy and TEAL's block greedy (``greedy-block``) on the held-out texts.
+3. ``ablation``: at the ablation sparsities, on the first ``ablation_tokens`` tokens of each held-out text,
+   the default settings fed (a) type-mean alphas, (b) alphas permuted within each type (one run per seed),
+   (c) the measured alphas standardised within type (``group="type"``), (d) the measured alphas; and uniform.
+4. ``threshold``: uniform, calibrated and both greedies in threshold mode at the threshold sparsities.
 
+Held-out texts never take part in a choice: the study refuses one that is also a calibration text.
+Order: stage 1 at the ``PRIORITY`` sparsities (the issue's targets), stage 2 at those sparsities, stage 3, then
+stages 1 and 2 at the other sparsities, then stage 4; so an interrupted study has the numbers that matter most.
 Perplexity follows evaluate.perplexity (non-overlapping chunks, exp of mean NLL).
 """
 from __future__ import annotations
@@ -23,64 +27,85 @@ import itertools
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .allocation import AllocationSettings, allocate, uniform_budget
+from .allocation import AllocationSettings, allocate, permuted_alphas, type_mean_alphas, uniform_budget
+from .calibration import (
+    MAX_SWEEPS,
+    Calibration,
+    Choice,
+    SearchResult,
+    calibrate,
+    calibration_chunks,
+    coordinate_search,
+)
 from .cli import register
+from .corpora import load_text, same_text, tokenize_corpus
+from .errors import ActTailError
+from .evaluate import perplexity
+from .greedy import BLOCK_TOKENS, greedy_block_budget, greedy_budget
+from .models import load_model
 from .progress import ProgressFn, TqdmProgress, report
+from .projections import find_projections
 from .safe_io import check_output, check_output_folder, write_bytes, write_text
+from .spectra import DEFAULT_RULE, compute_spectra
+from .thresholds import calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
-GRIDS = {
-    # name: (directions, groups, rules, temperatures, linear eps values)
-    "full": (("keep-heavy", "keep-light"), ("projection", "type", "layer"), ("ks", "peak", "mid"),
-             (0.05, 0.1, 0.15, 0.2, 0.35, 0.5), (0.1, 0.2, 0.3)),
-    "small": (("keep-heavy", "keep-light"), ("projection", "type"), ("ks", "mid"), (0.2, 0.5), (0.2,)),
-    "tiny": (("keep-heavy", "keep-light"), ("projection",), ("ks",), (0.3,), ()),
-}
+PRIORITY = (0.7, 0.8)  # the issue's target sparsities run first
+STAGES = ("calibrate", "baselines", "ablation", "threshold")
+BASELINES = ("greedy", "greedy-block")
 
 
 @dataclass(frozen=True)
 class Setting:
-    method: str  # uniform | acttail | linear | greedy | dense
+    method: str  # dense | uniform | acttail | greedy | greedy-block
     direction: str = ""
     group: str = ""
     rule: str = ""
-    knob: float = 0.0  # temperature (acttail) or eps (linear)
+    knob: float = 0.0  # temperature (acttail)
+    alphas: str = ""  # "" (measured) | "type-mean" | "permuted:SEED" (ablations)
 
     @property
     def label(self) -> str:
-        if self.method in ("uniform", "greedy", "dense"):
+        if self.method != "acttail":
             return self.method
-        name = "T" if self.method == "acttail" else "eps"
-        return f"{self.method} {self.direction} {self.group} {self.rule} {name}={self.knob:g}"
+        tail = f" alphas={self.alphas}" if self.alphas else ""
+        return f"acttail {self.direction} {self.group} {self.rule} T={self.knob:g}{tail}"
 
     def allocation(self) -> AllocationSettings:
-        return AllocationSettings(
-            method=self.method,
-            temperature=self.knob if self.method == "acttail" else 1.0,
-            eps=self.knob if self.method == "linear" else 0.3,
-            direction=self.direction or "keep-light",
-            group=self.group or "projection",
-        )
+        return AllocationSettings(temperature=self.knob, direction=self.direction, group=self.group)
+
+    @classmethod
+    def of(cls, choice: Choice) -> "Setting":
+        if choice.is_uniform:
+            return cls("uniform")
+        return cls("acttail", choice.direction, choice.group, choice.rule, choice.temperature)
 
 
-def grid_settings(grid: str) -> list[Setting]:
-    directions, groups, rules, temperatures, eps_values = GRIDS[grid]
-    settings = [Setting("acttail", d, g, r, t) for d, g, r, t in itertools.product(directions, groups, rules, temperatures)]
-    settings += [Setting("linear", d, g, "ks", e) for d, g, e in itertools.product(directions, groups, eps_values)]
-    return settings
-
-
-def default_setting() -> Setting:
-    from .spectra import DEFAULT_RULE
-
+def default_setting(**changes) -> Setting:
     d = AllocationSettings()
-    return Setting("acttail", d.direction, d.group, DEFAULT_RULE, d.temperature)
+    fields = dict(method="acttail", direction=d.direction, group=d.group, rule=DEFAULT_RULE, knob=d.temperature)
+    fields.update(changes)
+    return Setting(**fields)
+
+
+def ablation_settings(seeds: int) -> dict[str, Setting]:
+    """The ablation columns: name -> setting (b is one setting per seed)."""
+    columns = {"uniform": Setting("uniform"), "d: measured alpha": default_setting(),
+               "a: type-mean alpha": default_setting(alphas="type-mean"),
+               "c: within-type z (group type)": default_setting(group="type")}
+    columns.update({f"b: permuted, seed {seed}": default_setting(alphas=f"permuted:{seed}") for seed in range(seeds)})
+    return columns
+
+
+def by_priority(sparsities: Iterable[float]) -> list[float]:
+    return sorted(sparsities, key=lambda s: (s not in PRIORITY, PRIORITY.index(s) if s in PRIORITY else 0, s))
 
 
 class RunLog:
@@ -94,12 +119,15 @@ class RunLog:
                 try:
                     row = json.loads(line)
                     self.runs[row["key"]] = row
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError):
                     log.warning("skipping a damaged line in %s", path)  # e.g. cut off by an interruption
 
     @staticmethod
-    def key(model: str, text: str, tokens: int, seqlen: int, sparsity: float, setting: Setting) -> str:
-        return json.dumps([model, text, tokens, seqlen, round(sparsity, 4), asdict(setting)])
+    def key(model: str, text: str, tokens: int, seqlen: int, sparsity: float, setting: Setting, mode: str,
+            device: str, dtype: str) -> str:
+        return json.dumps({"model": model, "text": text, "tokens": tokens, "seqlen": seqlen,
+                           "sparsity": round(sparsity, 4), "setting": asdict(setting), "mode": mode,
+                           "device": device, "dtype": dtype}, sort_keys=True)
 
     def add(self, row: dict) -> None:
         self.runs[row["key"]] = row
@@ -110,22 +138,46 @@ class RunLog:
 @dataclass
 class StudyConfig:
     models: tuple[str, ...] = ("default", "gemma3-270m")
-    select_text: str = "demo:lcet10"
+    calib_texts: tuple[str, ...] = ("demo:lcet10", "demo:asyoulik")
+    calib_tokens: int = 1024  # per calibration text
+    calib_sweeps: int = MAX_SWEEPS
     heldout_texts: tuple[str, ...] = ("demo:alice29", "demo:plrabn12")
-    select_sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
-    report_sparsities: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.8)
-    select_tokens: int = 2048
+    report_sparsities: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
     report_tokens: int = 4096
     seqlen: int = 1024
-    grid: str = "full"
+    ablation_sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
+    ablation_tokens: int = 512  # of each held-out text, in one chunk: 224 runs must fit a CPU afternoon
+    seeds: int = 10
+    threshold_sparsities: tuple[float, ...] = (0.5, 0.7)
+    threshold_calib: str = "demo"  # threshold mode's calibration text (demo -> asyoulik)
+    threshold_calib_tokens: int = 2048
     greedy_tokens: int = 512
+    block_tokens: int = BLOCK_TOKENS
+    stages: tuple[str, ...] = STAGES
     out: str = "study"
     device: str = "cpu"
     dtype: str = "float32"
 
+    def check(self) -> None:
+        """Refuse a study that would tune on what it reports, or run nothing."""
+        for text in self.heldout_texts:
+            for calib in self.calib_texts + (self.threshold_calib,):
+                if same_text(text, calib):
+                    raise ActTailError(f"held-out text {text} is also calibration text ({calib}); keep them apart")
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ActTailError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(STAGES)}")
+        if self.ablation_tokens > self.report_tokens or self.report_tokens < self.seqlen:
+            raise ActTailError("need --ablation-tokens <= --tokens and --seqlen <= --tokens")
+
+    def seqlen_for(self, tokens: int) -> int:
+        """Chunk length: ``seqlen``, or one chunk when fewer tokens are asked for (the ablation's)."""
+        return min(self.seqlen, tokens)
+
 
 class Study:
     def __init__(self, config: StudyConfig, progress: Optional[ProgressFn] = None) -> None:
+        config.check()
         self.config = config
         self.progress = progress
         self.out = Path(config.out)
@@ -133,146 +185,322 @@ class Study:
         self.log = RunLog(self.out / "runs.jsonl")
         self._loaded: dict = {}
         self._chunks: dict = {}
-        self._spectra: dict = {}  # (model, rule) -> Spectra: ~1000 allocations must not re-read the cache file
+        self._spectra: dict = {}
+        self._thresholds: dict = {}
+        self._calibrations: dict[tuple[str, float], Calibration] = {}
 
     # ------------------------------------------------------------------ helpers
     def model(self, ref: str):
         if ref not in self._loaded:
-            from .models import load_model
-
             self._loaded.clear()  # one model in memory at a time
             self._chunks.clear()
             self._spectra.clear()
+            self._thresholds.clear()
             self._loaded[ref] = load_model(ref, dtype=self.config.dtype, device=self.config.device)
         return self._loaded[ref]
 
-    def chunks(self, ref: str, text: str, tokens: int):
-        from .corpora import load_text, tokenize_corpus
-
-        key = (ref, text, tokens)
+    def chunks(self, ref: str, texts: tuple[str, ...], tokens: int):
+        """Held-out text (one text, ``tokens`` in all) or calibration texts (``tokens`` from each)."""
+        key = (ref, texts, tokens)
+        seqlen = self.config.seqlen_for(tokens)
         if key not in self._chunks:
-            self._chunks[key] = tokenize_corpus(self.model(ref), load_text(text, "eval"), self.config.seqlen, tokens)
+            if len(texts) == 1 and texts[0] in self.config.heldout_texts:
+                text = load_text(texts[0], "eval")
+                self._chunks[key] = tokenize_corpus(self.model(ref), text, seqlen, tokens)
+            else:
+                self._chunks[key] = calibration_chunks(self.model(ref), texts, tokens, seqlen)
         return self._chunks[key]
 
-    def budget(self, ref: str, setting: Setting, sparsity: float):
-        from .projections import find_projections
-        from .spectra import compute_spectra
+    def spectra(self, ref: str, rule: str):
+        if (ref, rule) not in self._spectra:
+            self._spectra[(ref, rule)] = compute_spectra(self.model(ref), rule=rule)
+        return self._spectra[(ref, rule)]
 
+    def budget(self, ref: str, setting: Setting, sparsity: float):
         loaded = self.model(ref)
         if setting.method == "dense":
             return None
         if setting.method == "uniform":
             return uniform_budget(find_projections(loaded.model), sparsity, loaded.name, loaded.fingerprint)
         if setting.method == "greedy":
-            from .greedy import greedy_budget
-
             return greedy_budget(loaded, sparsity, tokens=self.config.greedy_tokens)
-        if (ref, setting.rule) not in self._spectra:
-            self._spectra[(ref, setting.rule)] = compute_spectra(loaded, rule=setting.rule)
-        return allocate(self._spectra[(ref, setting.rule)], sparsity, setting.allocation())
+        if setting.method == "greedy-block":
+            return greedy_block_budget(loaded, sparsity, tokens=self.config.block_tokens)
+        spectra = self.spectra(ref, setting.rule)
+        alphas = None
+        if setting.alphas == "type-mean":
+            alphas = type_mean_alphas(spectra.alphas(), spectra.projections())
+        elif setting.alphas.startswith("permuted:"):
+            alphas = permuted_alphas(spectra.alphas(), spectra.projections(), int(setting.alphas.split(":")[1]))
+        return allocate(spectra, sparsity, setting.allocation(), alphas=alphas)
 
-    def run(self, ref: str, text: str, tokens: int, sparsity: float, setting: Setting, phase: str) -> dict:
-        from .evaluate import perplexity
+    def thresholds(self, ref: str, budget):
+        if ref not in self._thresholds:
+            cfg = self.config
+            self._thresholds[ref] = calibrate_thresholds(self.model(ref), cfg.threshold_calib,
+                                                         max_tokens=cfg.threshold_calib_tokens, seqlen=cfg.seqlen)
+        return self._thresholds[ref].thresholds_for(budget)
 
-        key = RunLog.key(ref, text, tokens, self.config.seqlen, sparsity, setting)
+    def key(self, ref: str, texts: tuple[str, ...], tokens: int, sparsity: float, setting: Setting,
+            mode: str = "topk") -> str:
+        cfg = self.config
+        return RunLog.key(ref, "+".join(texts), tokens, cfg.seqlen_for(tokens), sparsity, setting, mode, cfg.device,
+                          cfg.dtype)
+
+    def get(self, ref: str, texts: tuple[str, ...], tokens: int, sparsity: float, setting: Setting,
+            mode: str = "topk") -> Optional[dict]:
+        return self.log.runs.get(self.key(ref, texts, tokens, sparsity, setting, mode))
+
+    def run(self, ref: str, texts: tuple[str, ...], tokens: int, sparsity: float, setting: Setting, phase: str,
+            mode: str = "topk") -> dict:
+        key = self.key(ref, texts, tokens, sparsity, setting, mode)
         if key in self.log.runs:
             return self.log.runs[key]
-        chunks = self.chunks(ref, text, tokens)
-        result = perplexity(self.model(ref), chunks, self.budget(ref, setting, sparsity), method=setting.method)
-        row = {"key": key, "phase": phase, "model": ref, "text": text, "tokens": int(chunks.numel()), "sparsity": sparsity,
-               "setting": asdict(setting), "label": setting.label, **{k: v for k, v in result.as_dict().items() if k != "sparsity"}}
+        chunks = self.chunks(ref, texts, tokens)
+        budget = self.budget(ref, setting, sparsity)
+        thresholds = self.thresholds(ref, budget) if (mode == "threshold" and budget is not None) else None
+        result = perplexity(self.model(ref), chunks, budget, mode=mode, thresholds=thresholds, method=setting.method)
+        row = {"key": key, "phase": phase, "model": ref, "text": "+".join(texts), "tokens": int(result.tokens),
+               "sparsity": sparsity, "setting": asdict(setting), "label": setting.label, "mode": mode,
+               "device": self.config.device,
+               **{k: v for k, v in result.as_dict().items() if k not in ("sparsity", "tokens")}}
         self.log.add(row)
         return row
 
-    # ------------------------------------------------------------------ phases
-    def select(self) -> Setting:
-        cfg = self.config
-        settings = [Setting("uniform")] + grid_settings(cfg.grid)
-        jobs = [(m, s, st) for m in cfg.models for s in cfg.select_sparsities for st in settings]
-        for done, (ref, sparsity, setting) in enumerate(jobs, start=1):
-            self.run(ref, cfg.select_text, cfg.select_tokens, sparsity, setting, "select")
-            report(self.progress, done, len(jobs), f"select {ref} s={sparsity} {setting.label}")
-        return self.best_setting()
+    def calibration(self, ref: str, sparsity: float) -> Calibration:
+        """The calibrated choice for one model and target; its runs come from (and go to) the run log."""
+        if (ref, sparsity) not in self._calibrations:
+            cfg = self.config
+            texts = cfg.calib_texts
 
-    def selection_scores(self) -> dict[Setting, tuple[float, float]]:
-        """(mean, worst) log(ppl / ppl_uniform) over models and selection sparsities, for every setting with all runs."""
-        cfg = self.config
-        scores: dict[Setting, tuple[float, float]] = {}
-        for setting in grid_settings(cfg.grid):
-            logs = []
-            for ref, sparsity in itertools.product(cfg.models, cfg.select_sparsities):
-                runs = [self.log.runs.get(RunLog.key(ref, cfg.select_text, cfg.select_tokens, cfg.seqlen, sparsity, s))
-                        for s in (setting, Setting("uniform"))]
-                if None in runs:
-                    break
-                logs.append(math.log(runs[0]["ppl"] / runs[1]["ppl"]) if math.isfinite(runs[0]["ppl"]) else float("inf"))
-            else:
-                scores[setting] = (sum(logs) / len(logs), max(logs))
-        return scores
+            def objective(choice: Choice) -> float:
+                return self.run(ref, texts, cfg.calib_tokens, sparsity, Setting.of(choice), "calibrate")["nll"]
 
-    def best_setting(self) -> Setting:
-        """The acttail setting to make the default.
+            self._calibrations[(ref, sparsity)] = calibrate(
+                self.model(ref), sparsity, texts=texts, tokens=cfg.calib_tokens,
+                seqlen=cfg.seqlen_for(cfg.calib_tokens),
+                objective=objective, spectra_for=lambda rule: self.spectra(ref, rule), max_sweeps=cfg.calib_sweeps)
+        return self._calibrations[(ref, sparsity)]
 
-        Feasible settings beat uniform at every selection sparsity on every model; among them the lowest mean
-        log-ratio wins. If none is feasible, the setting whose worst case is least bad wins. (The linear map is
-        in the grid as AlphaPruning's baseline, not as a candidate default.)
+    def chosen(self, ref: str, sparsity: float) -> Setting:
+        """The calibrated setting: replayed from the run log when the search is complete (a resumed study loads no
+        model for it), else searched now."""
+        found = self.search(ref, sparsity)
+        return Setting.of(found.choice if found is not None else self.calibration(ref, sparsity).choice)
+
+    def search(self, ref: str, sparsity: float) -> Optional[SearchResult]:
+        """The calibration's search replayed from the run log alone (None while any of its runs is missing).
+
+        The search is deterministic given the perplexities, so the report needs no model.
         """
-        scores = {s: v for s, v in self.selection_scores().items() if s.method == "acttail"}
-        if not scores:
-            return default_setting()
-        feasible = {s: v for s, v in scores.items() if v[1] < 0}
-        if feasible:
-            return min(feasible, key=lambda s: feasible[s][0])
-        return min(scores, key=lambda s: scores[s][1])
-
-    def heldout(self, chosen: Setting) -> None:
         cfg = self.config
-        jobs = [(m, t, 0.0, Setting("dense")) for m in cfg.models for t in cfg.heldout_texts]
-        jobs += [(m, t, s, st) for m in cfg.models for t in cfg.heldout_texts for s in cfg.report_sparsities
-                 for st in (Setting("uniform"), chosen, Setting("greedy"))]
-        for done, (ref, text, sparsity, setting) in enumerate(jobs, start=1):
-            self.run(ref, text, cfg.report_tokens, sparsity, setting, "heldout")
-            report(self.progress, done, len(jobs), f"held-out {ref} {text} s={sparsity} {setting.label}")
+        missing: list[Choice] = []
 
-    # ------------------------------------------------------------------ report
-    def heldout_rows(self, chosen: Setting) -> list[dict]:
+        def objective(choice: Choice) -> float:
+            row = self.get(ref, cfg.calib_texts, cfg.calib_tokens, sparsity, Setting.of(choice))
+            if row is None:
+                missing.append(choice)
+                return math.inf
+            return row["nll"]
+
+        result = coordinate_search(objective, max_sweeps=cfg.calib_sweeps)
+        return None if missing else result
+
+    def calibration_seconds(self, ref: str, sparsity: float, search: SearchResult) -> float:
+        """Time of the calibration's runs as measured when each ran (a resumed study replays them for free)."""
+        cfg = self.config
+        return sum(self.get(ref, cfg.calib_texts, cfg.calib_tokens, sparsity, Setting.of(c))["seconds"]
+                   for c, _ in search.trace)
+
+    def heldout(self, ref: str, text: str, sparsity: float, setting: Setting, mode: str = "topk") -> dict:
+        return self.run(ref, (text,), self.config.report_tokens, sparsity, setting, "heldout", mode)
+
+    # ------------------------------------------------------------------ stages
+    def _jobs(self, jobs: list, what: str) -> None:
+        for done, job in enumerate(jobs, start=1):
+            job[0](*job[1:])
+            report(self.progress, done, len(jobs), what)
+
+    def stage_calibrate(self, sparsities: Iterable[float]) -> None:
+        cfg = self.config
+        for ref, text in itertools.product(cfg.models, cfg.heldout_texts):
+            self.heldout(ref, text, 0.0, Setting("dense"))
+        for sparsity, ref in itertools.product(by_priority(sparsities), cfg.models):
+            chosen = self.chosen(ref, sparsity)
+            log.info("calibrated %s at %s: %s", ref, sparsity, chosen.label)
+            for text, setting in itertools.product(cfg.heldout_texts, (Setting("uniform"), chosen)):
+                self.heldout(ref, text, sparsity, setting)
+
+    def stage_baselines(self, sparsities: Iterable[float]) -> None:
+        cfg = self.config
+        jobs = [(self.heldout, ref, text, s, Setting(method)) for s in by_priority(sparsities) for ref in cfg.models
+                for method in BASELINES for text in cfg.heldout_texts]
+        self._jobs(jobs, "baselines")
+
+    def stage_ablation(self) -> None:
+        cfg = self.config
+        columns = ablation_settings(cfg.seeds).values()
+        jobs = [(self.run, ref, (text,), cfg.ablation_tokens, s, setting, "ablation") for s in
+                by_priority(cfg.ablation_sparsities) for ref in cfg.models for text in cfg.heldout_texts
+                for setting in columns]
+        self._jobs(jobs, "ablation")
+
+    def stage_threshold(self) -> None:
+        cfg = self.config
+        jobs = []
+        for ref in cfg.models:
+            for s in by_priority(cfg.threshold_sparsities):
+                methods = (Setting("uniform"), self.chosen(ref, s)) + tuple(
+                    Setting(m) for m in BASELINES)
+                jobs += [(self.heldout, ref, text, s, setting, "threshold") for text in cfg.heldout_texts
+                         for setting in dict.fromkeys(methods)]
+        self._jobs(jobs, "threshold")
+
+    # ------------------------------------------------------------------ tables
+    def calibration_rows(self) -> list[dict]:
+        """One row per finished calibration."""
+        rows = []
+        for ref, sparsity in itertools.product(self.config.models, self.config.report_sparsities):
+            found = self.search(ref, sparsity)
+            if found is not None:
+                rows.append({"model": ref, "sparsity": sparsity, "chosen": found.choice.label, "runs": found.runs,
+                             "seconds": self.calibration_seconds(ref, sparsity, found),
+                             "uniform_ppl": math.exp(found.uniform_nll), "ppl": math.exp(found.nll)})
+        return rows
+
+    def heldout_rows(self, mode: str = "topk", sparsities: Optional[Iterable[float]] = None) -> list[dict]:
+        """One row per model, text and sparsity with any run logged; a run not yet made is None."""
         cfg = self.config
         rows = []
         for ref, text in itertools.product(cfg.models, cfg.heldout_texts):
-            get = lambda s, st: self.log.runs.get(RunLog.key(ref, text, cfg.report_tokens, cfg.seqlen, s, st))  # noqa: E731
-            dense = get(0.0, Setting("dense"))
-            for sparsity in cfg.report_sparsities:
-                uni, act, greedy = (get(sparsity, st) for st in (Setting("uniform"), chosen, Setting("greedy")))
-                if not (dense and uni and act and greedy):
+            dense = self.get(ref, (text,), cfg.report_tokens, 0.0, Setting("dense"))
+            for sparsity in sorted(sparsities or cfg.report_sparsities):
+                found = self.search(ref, sparsity)
+                chosen = Setting.of(found.choice) if found is not None else None
+                runs = {name: self.get(ref, (text,), cfg.report_tokens, sparsity, setting, mode)
+                        if setting is not None else None for name, setting in
+                        (("uniform", Setting("uniform")), ("acttail", chosen), ("greedy", Setting("greedy")),
+                         ("greedy-block", Setting("greedy-block")))}
+                if not any(runs.values()):
                     continue
-                rows.append({"model": ref, "text": text, "sparsity": sparsity, "dense": dense["ppl"], "uniform": uni["ppl"],
-                             "acttail": act["ppl"], "greedy": greedy["ppl"],
-                             "acttail_vs_uniform": act["ppl"] / uni["ppl"] - 1, "greedy_vs_uniform": greedy["ppl"] / uni["ppl"] - 1})
+                row = {"model": ref, "text": text, "sparsity": sparsity, "dense": dense["ppl"] if dense else None,
+                       "chosen": chosen.label if chosen else None}
+                for name, run in runs.items():
+                    row[name] = run["ppl"] if run else None
+                    row[f"{name}_realized"] = run["realized_sparsity"] if run else None
+                rows.append(row)
         return rows
 
-    def write_report(self, chosen: Setting) -> Path:
+    def missing(self) -> list[str]:
+        """What the report cannot show yet, one line per group of cells (an interrupted study says so)."""
         cfg = self.config
+        lines = []
+        for ref, sparsity in itertools.product(cfg.models, by_priority(cfg.report_sparsities)):
+            if self.search(ref, sparsity) is None:
+                lines.append(f"{ref} at {sparsity:g}: calibration not finished, so no calibrated held-out run")
+        for mode, sparsities in (("topk", cfg.report_sparsities), ("threshold", cfg.threshold_sparsities)):
+            for ref, text, sparsity in itertools.product(cfg.models, cfg.heldout_texts, by_priority(sparsities)):
+                found = self.search(ref, sparsity)
+                names = [("uniform", Setting("uniform"))] + [(m, Setting(m)) for m in BASELINES]
+                if found is not None:
+                    names.insert(1, ("acttail (calibrated)", Setting.of(found.choice)))
+                absent = [name for name, setting in names
+                          if self.get(ref, (text,), cfg.report_tokens, sparsity, setting, mode) is None]
+                if absent:
+                    lines.append(f"{ref} / {text} at {sparsity:g} ({mode}): {', '.join(absent)}")
+        columns = ablation_settings(cfg.seeds)
+        for ref, text, sparsity in itertools.product(cfg.models, cfg.heldout_texts,
+                                                     by_priority(cfg.ablation_sparsities)):
+            absent = sum(self.get(ref, (text,), cfg.ablation_tokens, sparsity, s) is None for s in columns.values())
+            if absent:
+                lines.append(f"{ref} / {text} at {sparsity:g} (ablation): {absent} of {len(columns)} runs")
+        return lines
+
+    def ablation_rows(self) -> list[dict]:
+        cfg = self.config
+        columns = ablation_settings(cfg.seeds)
+        rows = []
+        for ref, text, sparsity in itertools.product(cfg.models, cfg.heldout_texts, sorted(cfg.ablation_sparsities)):
+            runs = {name: self.get(ref, (text,), cfg.ablation_tokens, sparsity, s) for name, s in columns.items()}
+            if any(run is None for run in runs.values()):
+                continue
+            uniform = runs.pop("uniform")["ppl"]
+            change = {name: run["ppl"] / uniform - 1 for name, run in runs.items()}
+            permuted = [v for name, v in change.items() if name.startswith("b:")]
+            rows.append({"model": ref, "text": text, "sparsity": sparsity, "uniform": uniform,
+                         "d": change["d: measured alpha"], "a": change["a: type-mean alpha"],
+                         "b_mean": statistics.mean(permuted), "b_std": statistics.stdev(permuted) if len(permuted) > 1
+                         else 0.0, "b_min": min(permuted), "b_max": max(permuted),
+                         "c": change["c: within-type z (group type)"]})
+        return rows
+
+    def seconds_per_run(self) -> list[dict]:
+        """Median wall time of one perplexity run, per model, token count and mode (as measured here)."""
+        groups: dict[tuple, list[float]] = {}
+        for row in self.log.runs.values():
+            if row.get("device") == self.config.device and row.get("setting", {}).get("method") != "dense":
+                groups.setdefault((row["model"], row["tokens"], row["mode"]), []).append(row["seconds"])
+        return [{"model": m, "tokens": t, "mode": mode, "runs": len(v), "median_s": statistics.median(v)}
+                for (m, t, mode), v in sorted(groups.items())]
+
+    def write_report(self) -> Path:
+        cfg = self.config
+        pct = lambda new, old: f"{new / old - 1:+.1%}" if new and old else "-"  # noqa: E731
         lines = ["# Allocation study", "",
-                 f"Models: {', '.join(cfg.models)}. Perplexity: non-overlapping {cfg.seqlen}-token chunks, exp(mean NLL).", "",
-                 f"## Selection on `{cfg.select_text}` ({cfg.select_tokens} tokens, sparsities {', '.join(map(str, cfg.select_sparsities))})",
-                 "", "Per setting, log(ppl / ppl_uniform) over models and sparsities: the mean and the worst case "
-                 "(< 0 beats uniform). The default is the acttail setting with the best mean among those whose worst "
-                 "case beats uniform.", "",
-                 "| rank | setting | mean | worst | mean ppl / uniform |", "|---|---|---|---|---|"]
-        scores = self.selection_scores()
-        for rank, (setting, (mean, worst)) in enumerate(sorted(scores.items(), key=lambda kv: kv[1][0]), start=1):
-            lines.append(f"| {rank} | {setting.label} | {mean:+.3f} | {worst:+.3f} | {math.exp(mean):.3f} |")
-        lines += ["", f"Chosen default: **{chosen.label}**", "",
-                  f"## Held-out texts ({cfg.report_tokens} tokens each; nothing tuned here)", "",
-                  "| model | text | sparsity | dense | uniform | acttail | greedy | acttail vs uniform | greedy vs uniform |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in self.heldout_rows(chosen):
-            lines.append(f"| {r['model']} | {r['text']} | {r['sparsity']:.1f} | {r['dense']:.2f} | {r['uniform']:.2f} | "
-                         f"{r['acttail']:.2f} | {r['greedy']:.2f} | {r['acttail_vs_uniform']:+.1%} | {r['greedy_vs_uniform']:+.1%} |")
+                 f"Models: {', '.join(cfg.models)}; {cfg.device}, {cfg.dtype}. Perplexity: non-overlapping "
+                 f"{cfg.seqlen}-token chunks, exp(mean NLL). Calibration text: the first {cfg.calib_tokens} tokens "
+                 f"of {', '.join(cfg.calib_texts)}. Held-out texts (never used for a choice): "
+                 f"{', '.join(cfg.heldout_texts)}, {cfg.report_tokens} tokens each.", "",
+                 "## Calibration (`calibrate`: coordinate search on the calibration text)", "",
+                 f"| model | sparsity | chosen | runs | seconds ({cfg.device}) | uniform ppl | chosen ppl |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.calibration_rows():
+            lines.append(f"| {r['model']} | {r['sparsity']:.1f} | {r['chosen']} | {r['runs']} | {r['seconds']:.0f} | "
+                         f"{r['uniform_ppl']:.2f} | {r['ppl']:.2f} |")
+        lines += ["", "## Held-out texts: calibrated acttail against uniform and both greedies", "",
+                  "| model | text | sparsity | dense | uniform | acttail (calibrated) | greedy | greedy-block | "
+                  "acttail vs uniform | greedy vs uniform | greedy-block vs uniform |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
+        for r in self.heldout_rows():
+            lines.append(f"| {r['model']} | {r['text']} | {r['sparsity']:.1f} | {fmt(r['dense'])} | "
+                         f"{fmt(r['uniform'])} | {fmt(r['acttail'])} | {fmt(r['greedy'])} | {fmt(r['greedy-block'])} | "
+                         f"{pct(r['acttail'], r['uniform'])} | {pct(r['greedy'], r['uniform'])} | "
+                         f"{pct(r['greedy-block'], r['uniform'])} |")
+        lines += ["", f"## Ablations ({cfg.ablation_tokens} tokens of each held-out text; change in perplexity vs "
+                  "uniform)", "",
+                  "Default settings (acttail keep-light, T = 0.15, `mid`) with: (d) the measured alphas, "
+                  "(a) every projection at its type's mean alpha, (b) alphas permuted within each type "
+                  f"({cfg.seeds} seeds: mean, standard deviation, range), (c) grouping by type (alpha standardised "
+                  "within type).", "",
+                  "| model | text | sparsity | uniform ppl | (d) measured | (a) type mean | (b) permuted mean +- sd | "
+                  "(b) range | (c) within type |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.ablation_rows():
+            lines.append(f"| {r['model']} | {r['text']} | {r['sparsity']:.1f} | {r['uniform']:.2f} | {r['d']:+.1%} | "
+                         f"{r['a']:+.1%} | {r['b_mean']:+.1%} +- {r['b_std']:.1%} | {r['b_min']:+.1%} .. "
+                         f"{r['b_max']:+.1%} | {r['c']:+.1%} |")
+        lines += ["", f"## Threshold mode (thresholds calibrated on `{cfg.threshold_calib}`, "
+                  f"{cfg.threshold_calib_tokens} tokens): perplexity, and change vs the same budget in TopK mode", "",
+                  "| model | text | sparsity | uniform | acttail (calibrated) | greedy | greedy-block |",
+                  "|---|---|---|---|---|---|---|"]
+        topk = {(r["model"], r["text"], r["sparsity"]): r for r in self.heldout_rows()}
+        for r in self.heldout_rows("threshold", cfg.threshold_sparsities):
+            base = topk.get((r["model"], r["text"], r["sparsity"]), {})
+            cells = [f"{fmt(r[m])} ({pct(r[m], base.get(m))})"
+                     for m in ("uniform", "acttail", "greedy", "greedy-block")]
+            lines.append(f"| {r['model']} | {r['text']} | {r['sparsity']:.1f} | " + " | ".join(cells) + " |")
+        lines += ["", f"## Time per perplexity run ({cfg.device}, median)", "",
+                  "| model | tokens scored | mode | runs | "
+                  "seconds |", "|---|---|---|---|---|"]
+        for r in self.seconds_per_run():
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['mode']} | {r['runs']} | {r['median_s']:.1f} |")
+        missing = self.missing()
+        lines += ["", "## Not yet measured", ""]
+        lines += [f"* {line}" for line in missing] if missing else ["Every cell of the tables above is measured."]
         return write_text(self.out / "report.md", "\n".join(lines) + "\n")
 
-    def plot(self, chosen: Setting, path: Path) -> Optional[Path]:
-        rows = self.heldout_rows(chosen)
+    def plot(self, path: Path) -> Optional[Path]:
+        rows = self.heldout_rows()
         if not rows:
             return None
         import matplotlib
@@ -284,17 +512,18 @@ class Study:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
         for ax, (ref, text) in zip(axes[0], panels):
             sub = [r for r in rows if r["model"] == ref and r["text"] == text]
-            xs = [r["sparsity"] for r in sub]
-            for method, style in (("uniform", "o--"), ("acttail", "s-"), ("greedy", "^:")):
-                ax.plot(xs, [r[method] for r in sub], style, label=method)
-            ax.axhline(sub[0]["dense"], color="grey", lw=0.8, label="dense")
+            for method, style in (("uniform", "o--"), ("acttail", "s-"), ("greedy", "^:"), ("greedy-block", "v-.")):
+                points = [(r["sparsity"], r[method]) for r in sub if r[method]]
+                if points:
+                    ax.plot(*zip(*points), style, label="acttail (calibrated)" if method == "acttail" else method)
+            if sub[0]["dense"]:
+                ax.axhline(sub[0]["dense"], color="grey", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_title(f"{ref} / {text.split(':')[-1]}", fontsize=10)
             ax.set_xlabel("sparsity (parameter-weighted)")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("perplexity (log scale)")
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"acttail = {chosen.label}", fontsize=9)
         fig.tight_layout()
         image = io.BytesIO()
         fig.savefig(image, format="png", dpi=130)
@@ -302,18 +531,27 @@ class Study:
         return write_bytes(path, image.getvalue())
 
 
-def run_study(config: StudyConfig, progress: Optional[ProgressFn] = None, plot_path: Optional[Path] = None) -> tuple[Setting, Path]:
+def run_study(config: StudyConfig, progress: Optional[ProgressFn] = None,
+              plot_path: Optional[Path] = None) -> Path:
     study = Study(config, progress)
     start = time.perf_counter()
-    chosen = study.select()
-    study.write_report(chosen)
-    study.heldout(chosen)
-    path = study.write_report(chosen)
-    study.plot(chosen, study.out / "study.png")
+    first = [s for s in config.report_sparsities if s in PRIORITY]
+    rest = [s for s in config.report_sparsities if s not in PRIORITY]
+    # The issue's targets first, their baselines, then the ablation, then the rest: an interrupted study has the
+    # key numbers.
+    plan = [("calibrate", study.stage_calibrate, (first,)), ("baselines", study.stage_baselines, (first,)),
+            ("ablation", study.stage_ablation, ()), ("calibrate", study.stage_calibrate, (rest,)),
+            ("baselines", study.stage_baselines, (rest,)), ("threshold", study.stage_threshold, ())]
+    for stage, run, args in plan:
+        if stage in config.stages:
+            run(*args)
+            study.write_report()
+    path = study.write_report()
+    study.plot(study.out / "study.png")
     if plot_path is not None:
-        study.plot(chosen, plot_path)
+        study.plot(plot_path)
     log.info("study finished in %.0f s", time.perf_counter() - start)
-    return chosen, path
+    return path
 
 
 # --------------------------------------------------------------------------- CLI
@@ -322,17 +560,25 @@ def run_study(config: StudyConfig, progress: Optional[ProgressFn] = None, plot_p
 def _arguments(parser: argparse.ArgumentParser) -> None:
     d = StudyConfig()
     parser.add_argument("--models", nargs="+", default=list(d.models))
-    parser.add_argument("--select-text", default=d.select_text)
+    parser.add_argument("--calib-texts", nargs="+", default=list(d.calib_texts), help="calibration texts")
+    parser.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="tokens per calibration text")
+    parser.add_argument("--calib-sweeps", type=int, default=d.calib_sweeps, help="most sweeps of the search")
     parser.add_argument("--heldout-texts", nargs="+", default=list(d.heldout_texts))
-    parser.add_argument("--select-sparsities", nargs="+", type=float, default=list(d.select_sparsities))
-    parser.add_argument("--sparsities", nargs="+", type=float, default=list(d.report_sparsities), help="report sparsities")
-    parser.add_argument("--select-tokens", type=int, default=d.select_tokens)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=list(d.report_sparsities),
+                        help="report sparsities")
     parser.add_argument("--tokens", type=int, default=d.report_tokens, help="tokens per held-out text")
     parser.add_argument("--seqlen", type=int, default=d.seqlen)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default=d.grid)
+    parser.add_argument("--ablation-sparsities", nargs="+", type=float, default=list(d.ablation_sparsities))
+    parser.add_argument("--ablation-tokens", type=int, default=d.ablation_tokens)
+    parser.add_argument("--seeds", type=int, default=d.seeds, help="ablation (b): permutations")
+    parser.add_argument("--threshold-sparsities", nargs="+", type=float, default=list(d.threshold_sparsities))
+    parser.add_argument("--threshold-calib", default=d.threshold_calib, help="threshold mode's calibration text")
+    parser.add_argument("--threshold-calib-tokens", type=int, default=d.threshold_calib_tokens)
     parser.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
+    parser.add_argument("--block-tokens", type=int, default=d.block_tokens, help="greedy-block's calibration tokens")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(d.stages))
     parser.add_argument("--out", default=d.out, help="folder for runs.jsonl, report.md and study.png")
-    parser.add_argument("--device", default=d.device, help="cpu | cuda (the study's models are small: a GPU makes it minutes)")
+    parser.add_argument("--device", default=d.device, help="cpu | cuda (the study's models are small)")
     parser.add_argument("--dtype", default=d.dtype, help="float32 keeps GPU and CPU results comparable")
     parser.add_argument("--plot", default=None, help="also save the plot here (e.g. assets/study.png)")
 
@@ -341,17 +587,23 @@ def _run(args: argparse.Namespace) -> int:
     args.out = str(check_output_folder(args.out))  # hours of runs must not end in a write error
     if args.plot:
         args.plot = str(check_output(args.plot))
-    config = StudyConfig(tuple(args.models), args.select_text, tuple(args.heldout_texts), tuple(args.select_sparsities),
-                         tuple(args.sparsities), args.select_tokens, args.tokens, args.seqlen, args.grid, args.greedy_tokens, args.out,
-                         args.device, args.dtype)
-    chosen, path = run_study(config, TqdmProgress("study"), Path(args.plot) if args.plot else None)
+    config = StudyConfig(
+        models=tuple(args.models), calib_texts=tuple(args.calib_texts), calib_tokens=args.calib_tokens,
+        calib_sweeps=args.calib_sweeps, heldout_texts=tuple(args.heldout_texts),
+        report_sparsities=tuple(args.sparsities), report_tokens=args.tokens, seqlen=args.seqlen,
+        ablation_sparsities=tuple(args.ablation_sparsities), ablation_tokens=args.ablation_tokens, seeds=args.seeds,
+        threshold_sparsities=tuple(args.threshold_sparsities), threshold_calib=args.threshold_calib,
+        threshold_calib_tokens=args.threshold_calib_tokens, greedy_tokens=args.greedy_tokens,
+        block_tokens=args.block_tokens,
+        stages=tuple(args.stages), out=args.out, device=args.device, dtype=args.dtype)
+    path = run_study(config, TqdmProgress("study"), Path(args.plot) if args.plot else None)
     print(Path(path).read_text())
-    print(f"chosen setting: {chosen.label}")
     print(f"wrote {path}, {Path(args.out) / 'runs.jsonl'}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 
-register("study", "sweep allocation settings against uniform on real models (resumable)", _arguments, _run)
+register("study", "calibrate per model, compare with uniform and both greedies, ablations (resumable)",
+         _arguments, _run)
 
 
 def iter_rows(path: str | Path) -> Iterable[dict]:

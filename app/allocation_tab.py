@@ -8,15 +8,17 @@ URL and the share link) until it is removed.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import streamlit as st
 
+from acttail_core import calibration
 from acttail_core.allocation import DIRECTIONS, GROUPS, MAX_TARGET, METHODS, allocation_curves, settings_of
 from acttail_core.budget import MAX_BUDGET_BYTES, Budget, describe, load_budget, sparsity_difference
 from acttail_core.errors import ActTailError
 from app import charts, layout, pins, state
-from app.state import DEFAULT_SPARSITY, DEFAULTS, AppContext, guarded, show_error
+from app.state import DEFAULT_SPARSITY, DEFAULTS, AppContext, StreamlitProgress, get_spectra, guarded, show_error
 
 
 def _controls(disabled: bool) -> None:
@@ -212,6 +214,44 @@ def allocation_fragment(ctx: AppContext, active: bool) -> None:
     st.caption(f"{note}Link to this view above. Allocation and charts took {elapsed_ms:.0f} ms (server side).")
 
 
+# --------------------------------------------------------------------------- per-model calibration
+
+
+def _apply_calibration(found: calibration.Calibration) -> None:
+    """Button callback: it runs before the page is drawn again, so it may set the widgets (sidebar rule too)."""
+    choice = found.choice
+    for key, value in dict(method="acttail", sparsity=found.sparsity, temperature=choice.temperature,
+                           direction=choice.direction, group=choice.group, rule=choice.rule).items():
+        state.set_widget(key, value)
+
+
+def _calibration_control(ctx: AppContext) -> None:
+    """Run ``calibration.calibrate`` at the current target, show its choice, and apply it on request."""
+    target = float(state.widget("sparsity", DEFAULT_SPARSITY))
+    texts = ", ".join(calibration.DEFAULT_TEXTS)
+    st.caption(f"**Calibrate for this model**: choose temperature, direction, grouping and xmin rule at sparsity "
+               f"{target:.2f} by perplexity on calibration text ({texts}, {calibration.DEFAULT_TOKENS} tokens each), "
+               f"at most {calibration.max_runs()} perplexity runs (minutes on a CPU). Uniform is kept unless a setting "
+               "beats it by 1%.")
+    if st.button("Calibrate", key="calibrate", disabled=target == 0):
+        try:
+            found = calibration.calibrate(ctx.loaded, target, spectra_for=lambda rule: get_spectra(ctx.loaded, rule),
+                                          progress=StreamlitProgress(st, "calibrating"))
+        except ActTailError as error:
+            show_error(error, "Calibration")
+        else:
+            state.session.calibration_result = (ctx.loaded.fingerprint, found)
+    found = state.stored_calibration(ctx)
+    if found is not None:
+        search = found.search
+        st.markdown(f"At sparsity {found.sparsity:g}: **{found.choice.label}**, perplexity "
+                    f"{math.exp(search.nll):.2f} against uniform's {math.exp(search.uniform_nll):.2f} on the "
+                    f"calibration text ({search.runs} runs, {found.seconds:.0f} s).")
+        st.button("Apply these settings", key="apply_calibration", on_click=_apply_calibration, args=(found,),
+                  help="Sets the sliders and the sidebar's xmin rule; the downloaded budget then records "
+                  "the calibration.")
+
+
 def render(ctx: AppContext, active: bool = True) -> None:
     if active:
         st.subheader("Allocation: from alpha to a sparsity budget")
@@ -227,5 +267,7 @@ def render(ctx: AppContext, active: bool = True) -> None:
         upload = state.active_upload(ctx)
         if upload is not None and active:
             _upload_notes(ctx, upload)
+    with st.container(border=True):
+        _calibration_control(ctx)
     with live:
         allocation_fragment(ctx, active)

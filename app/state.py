@@ -28,8 +28,9 @@ import torch
 
 from acttail_core.allocation import AllocationSettings, allocate, check_target, uniform_budget
 from acttail_core.budget import Budget, describe
+from acttail_core.calibration import Calibration
 from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoadError, SpectraError
-from acttail_core.greedy import greedy_budget
+from acttail_core.greedy import greedy_block_budget, greedy_budget
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
 from acttail_core.projections import Projection
@@ -113,6 +114,7 @@ class Session:
     current_budget: _Stored[Optional[Budget]] = _Stored(_none)
     current_label: _Stored[Optional[str]] = _Stored(_none)
     current_target: _Stored[Optional[float]] = _Stored(_none)
+    calibration_result: _Stored[Optional[tuple[str, Calibration]]] = _Stored(_none)  # (model fingerprint, result)
 
 
 session = Session()
@@ -464,10 +466,10 @@ def budget_for(ctx: AppContext, target: float, settings: AllocationSettings, pro
     key = (ctx.loaded.fingerprint, spectra.rule, round(target, 9), settings)
 
     def make() -> Budget:
-        if settings.method == "greedy":
-
+        if settings.method in ("greedy", "greedy-block"):
             check_target(target, settings)
-            return greedy_budget(ctx.loaded, target, alphas=spectra.alphas(), progress=progress)
+            make_greedy = greedy_budget if settings.method == "greedy" else greedy_block_budget
+            return make_greedy(ctx.loaded, target, alphas=spectra.alphas(), progress=progress)
         return allocate(spectra, target, settings)
 
     return _budget_store().get_or_create(key, make)
@@ -478,6 +480,23 @@ def uniform_for(ctx: AppContext, target: float) -> Budget:
         (ctx.loaded.fingerprint, "uniform", round(target, 9)),
         lambda: uniform_budget(ctx.projections, target, ctx.loaded.name, ctx.loaded.fingerprint, ctx.spectra.alphas()),
     )
+
+
+def stored_calibration(ctx: AppContext) -> Optional[Calibration]:
+    """This session's calibration of the loaded model, if any."""
+    stored = session.calibration_result
+    return stored[1] if stored and stored[0] == ctx.loaded.fingerprint else None
+
+
+def with_calibration(ctx: AppContext, budget: Budget) -> Budget:
+    """The budget with its calibration record while the sliders show exactly the calibrated settings."""
+    found = stored_calibration(ctx)
+    if found is None or found.sparsity != budget.target_sparsity or budget.xmin_rule != found.choice.rule:
+        return budget
+    choice = found.choice
+    if (budget.temperature, budget.direction, budget.group) != (choice.temperature, choice.direction, choice.group):
+        return budget
+    return budget.model_copy(update={"calibration": found.record()})
 
 
 def active_upload(ctx: AppContext) -> Optional[dict]:
@@ -495,7 +514,7 @@ def active_budget(ctx: AppContext, progress: Optional[ProgressFn] = None) -> Act
         current = ActiveBudget(upload["budget"], upload["name"], uploaded=True)
     else:
         target, settings = settings_from_state()
-        budget = budget_for(ctx, target, settings, progress)
+        budget = with_calibration(ctx, budget_for(ctx, target, settings, progress))
         current = ActiveBudget(budget, describe(budget), uploaded=False)
     session.current_budget, session.current_label = current.budget, current.label
     session.current_target = current.budget.target_sparsity

@@ -91,6 +91,21 @@ def tiny_loaded() -> LoadedModel:
     return from_module(make_tiny_llama(), byte_tokenizer(), name="tiny-llama")
 
 
+@pytest.fixture
+def tiny_everywhere(tiny_loaded, tmp_path, monkeypatch) -> LoadedModel:
+    """The tiny Llama served for every model name, with a private cache (the demo texts copied in), so a CLI
+    command or the study runs end to end in seconds and leaves the user's cache alone."""
+    import shutil
+
+    from acttail_core.corpora import demo_dir, ensure_demo_corpus
+
+    real = ensure_demo_corpus()
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(real, demo_dir())
+    monkeypatch.setattr("acttail_core.models.load_model", lambda ref, **kwargs: tiny_loaded)
+    return tiny_loaded
+
+
 @pytest.fixture(scope="session")
 def default_loaded() -> LoadedModel:
     """The real default model (SmolLM2-135M), from the cache that scripts/setup.sh warms."""

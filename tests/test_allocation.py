@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from acttail_core.allocation import MAX_TARGET, MAX_TEMPERATURE, AllocationSettings, allocate_sparsities, scores
+from acttail_core.allocation import (
+    MAX_TARGET, MAX_TEMPERATURE, AllocationSettings, allocate_sparsities, permuted_alphas, scores, type_mean_alphas,
+)
 from acttail_core.errors import ActTailError
 from acttail_core.projections import PROJECTION_TYPES, Projection
 
@@ -161,6 +163,7 @@ def test_nan_alpha_is_tolerated() -> None:
         (0.5, AllocationSettings(temperature=float("inf")), "temperature"),
         (0.99, AllocationSettings(), r"sparsity must be in \[0, 0.95\]"),
         (0.5, AllocationSettings(method="greedy"), "greedy method measures"),
+        (0.5, AllocationSettings(method="greedy-block"), "greedy-block method measures"),
         (0.5, AllocationSettings(eps=1.0), "eps"),
         (0.5, AllocationSettings(lower=0.6, upper=0.9), "outside the bounds"),
     ],
@@ -169,3 +172,44 @@ def test_bad_settings_are_clear_errors(target, config, message) -> None:
     projections = make_projections(1)
     with pytest.raises(ActTailError, match=message):
         allocate_sparsities(np.linspace(2, 5, 7), projections, target, config)
+
+
+# --------------------------------------------------------------------------- ablation transforms
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers=st.integers(1, 8), seed=st.integers(0, 10_000), nan_at=st.one_of(st.none(), st.integers(0, 6)))
+def test_type_means_and_permutations_keep_each_type_s_alphas(layers, seed, nan_at) -> None:
+    """(a) one value per type, equal to the type's mean; (b) each type's multiset of alphas, reproducible per seed."""
+    projections = make_projections(layers)
+    alphas = 1.5 + 8.0 * np.random.default_rng(seed).random(len(projections))
+    if nan_at is not None:
+        alphas[nan_at] = np.nan  # treated as allocation treats it: the median of the finite alphas
+    finite = np.where(np.isfinite(alphas), alphas, np.nanmedian(alphas))
+    types = np.array([p.type for p in projections])
+    means = type_mean_alphas(alphas, projections)
+    shuffled = permuted_alphas(alphas, projections, seed)
+    for t in PROJECTION_TYPES:
+        mask = types == t
+        np.testing.assert_allclose(means[mask], finite[mask].mean())
+        np.testing.assert_allclose(np.sort(shuffled[mask]), np.sort(finite[mask]))
+    np.testing.assert_array_equal(shuffled, permuted_alphas(alphas, projections, seed))
+
+
+def test_permutation_moves_alphas_between_layers_and_seeds_differ() -> None:
+    projections = make_projections(12)
+    alphas = np.arange(len(projections), dtype=float) + 2.0  # all distinct
+    first, second = (permuted_alphas(alphas, projections, seed) for seed in (0, 1))
+    assert np.mean(first != alphas) > 0.5 and np.any(first != second)
+
+
+def test_type_means_make_type_grouping_uniform_and_projection_grouping_type_only() -> None:
+    """With type-mean alphas, within-type standardisation has nothing left (uniform), and across-type
+    grouping gives every projection of a type the same sparsity."""
+    projections = make_projections(5)
+    alphas = type_mean_alphas(2.0 + 8.0 * np.random.default_rng(7).random(len(projections)), projections)
+    by_type = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(group="type", temperature=1.0))
+    np.testing.assert_allclose(by_type, 0.6)
+    across = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(temperature=1.0))
+    types = np.array([p.type for p in projections])
+    assert all(np.ptp(across[types == t]) < 1e-12 for t in PROJECTION_TYPES) and np.ptp(across) > 0.01

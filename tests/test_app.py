@@ -431,6 +431,37 @@ def test_a_bad_pin_in_a_link_is_one_line(default_loaded):
     assert len(at.error) == 1 and "not a number" in at.error[0].value
 
 
+def test_calibrate_button_applies_the_engine_s_choice(default_loaded, monkeypatch):
+    """The button calls calibration.calibrate at the current target; Apply sets the sliders and the sidebar's rule,
+    and the budget then carries the calibration record (the real search is tested in tests/test_calibration.py)."""
+    from acttail_core import calibration
+
+    calls = []
+
+    def fake_calibrate(loaded, sparsity, **kwargs):
+        calls.append(sparsity)
+        kwargs["spectra_for"]("ks")  # the dashboard's spectra store serves every rule
+        choice = calibration.Choice(0.35, "keep-light", "type", "ks")
+        search = calibration.SearchResult(choice, 5.0, 5.5, [(calibration.UNIFORM, 5.5), (choice, 5.0)])
+        return calibration.Calibration(sparsity, search, calibration.DEFAULT_TEXTS, 2046, 1024, 12.0)
+
+    monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
+    at = run_app(tab="Allocation", sparsity="0.65")
+    at.button(key="calibrate").click().run()
+    assert_clean(at)
+    assert calls == [0.65]
+    assert any("acttail keep-light type ks T=0.35" in m.value for m in at.markdown)
+    assert at.session_state["current_budget"].calibration is None  # nothing applied yet
+    at.button(key="apply_calibration").click().run()
+    assert_clean(at)
+    budget = at.session_state["current_budget"]
+    assert (budget.temperature, budget.direction, budget.group, budget.xmin_rule) == (0.35, "keep-light", "type", "ks")
+    assert budget.calibration is not None and budget.calibration.runs == 2
+    assert budget.calibration.nll == 5.0 and budget.target_sparsity == 0.65
+    at.slider(key="temperature").set_value(0.5).run()  # moved off the calibrated settings: no record claimed
+    assert at.session_state["current_budget"].calibration is None
+
+
 # --------------------------------------------------------------------------- Evaluate tab
 
 

@@ -171,3 +171,48 @@ def test_another_models_budget_needs_an_explicit_override(tiny_budget, tiny_load
         load_budget(data, projections, tiny_loaded.fingerprint)
     allowed = load_budget(data, projections, tiny_loaded.fingerprint, allow_other_weights=True)
     assert allowed.model_fingerprint == "0123456789abcdef"
+
+
+# --------------------------------------------------------------------------- schema version 2
+
+
+RECORD = {"texts": ["demo:lcet10"], "tokens": 2046, "seqlen": 1024, "search": "coordinate", "runs": 11,
+          "seconds": 412.5, "uniform_nll": 6.2, "nll": 5.9}
+
+
+def test_version_1_files_still_load_unchanged(tiny_budget) -> None:
+    """A file written before version 2 (no calibration field, a version-1 method) loads as it was."""
+    data = json.loads(tiny_budget.to_json())
+    assert data["schema_version"] == 2 and data["calibration"] is None
+    data["schema_version"] = 1
+    del data["calibration"]
+    old = load_budget(data)
+    assert old.schema_version == 1 and old.calibration is None
+    assert old.sparsity_by_name() == tiny_budget.sparsity_by_name()
+
+
+def test_calibration_record_round_trip_and_field_errors(tiny_budget, tmp_path) -> None:
+    from acttail_core.budget import CalibrationRecord
+
+    calibrated = tiny_budget.model_copy(update={"calibration": CalibrationRecord(**RECORD)})
+    path = save_budget(calibrated, tmp_path / "calibrated.json")
+    again = load_budget(path)
+    assert again == calibrated and again.calibration.runs == 11
+    for change, message in [
+        (lambda d: d.update(schema_version=1), "calibration: .*needs schema_version 2"),
+        (lambda d: d["calibration"].update(runs=0), r"calibration.runs: .*greater than or equal to 1"),
+        (lambda d: d["calibration"].update(search="grid"), r"calibration.search"),
+        (lambda d: d["calibration"].update(texts=[]), r"calibration.texts"),
+        (lambda d: d["calibration"].update(extra=1), r"calibration.extra: unknown field"),
+        (lambda d: d["calibration"].pop("nll"), r"calibration.nll: missing field"),
+    ]:
+        with pytest.raises(BudgetError, match=message):
+            load_budget(mutate(calibrated, change))
+
+
+def test_greedy_block_method_needs_version_2(tiny_budget) -> None:
+    assert load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block"))).method == "greedy-block"
+    with pytest.raises(BudgetError, match="method: method 'greedy-block' needs schema_version 2"):
+        load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block", schema_version=1, calibration=None)))
+    with pytest.raises(BudgetError, match="schema_version: unsupported schema_version 3"):
+        load_budget(mutate(tiny_budget, lambda d: d.update(schema_version=3)))

@@ -399,7 +399,7 @@ json_values = st.recursive(
 )
 TOP_FIELDS = ["schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature", "eps",
               "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at",
-              "projections", "extra"]
+              "calibration", "projections", "extra"]
 ENTRY_FIELDS = ["name", "layer", "type", "in_features", "out_features", "params", "alpha", "sparsity", "keep", "extra"]
 
 
