@@ -251,7 +251,7 @@ def perplexity(
     )
 
 
-def _uniform_for(loaded: LoadedModel, budget: Budget) -> Budget:
+def uniform_for(loaded: LoadedModel, budget: Budget) -> Budget:
 
     return uniform_budget(find_projections(loaded.model), budget.effective_sparsity, loaded.name, loaded.fingerprint)
 
@@ -283,7 +283,7 @@ def compare(
     if include_dense:
         runs.append(("dense", None))
     if include_uniform and budget.method != "uniform":
-        runs.append(("uniform", _uniform_for(loaded, budget)))
+        runs.append(("uniform", uniform_for(loaded, budget)))
     runs.append((budget.method, budget))
     return evaluate_budgets(loaded, runs, corpus, seqlen, max_tokens, mode, progress, calib_corpus=calib_corpus,
                             calibration=calibration, batch_size=batch_size, calib_tokens=calib_tokens, cache=cache)

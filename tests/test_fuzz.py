@@ -147,8 +147,7 @@ def replace_file(path: Path, data: bytes) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny model, its spectra and budget, a temporary cache with the demo texts, the CLI loading the tiny model."""
-    import acttail_core.cli as cli
-    import acttail_core.cli_eval as cli_eval
+    import acttail_core.cli.common as cli_common
 
     real_demo = corpora.ensure_demo_corpus()
     root = tmp_path_factory.mktemp("fuzz")
@@ -157,8 +156,7 @@ def env(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("ACTTAIL_CACHE", str(cache))
     loaded = from_module(make_tiny_llama(), byte_tokenizer(), name="tiny")
-    patch.setattr(cli, "load_from_args", lambda args: loaded)
-    patch.setattr(cli_eval, "load_from_args", lambda args: loaded)
+    patch.setattr(cli_common, "load_from_args", lambda args: loaded)
     spectra = compute_spectra(loaded)
     budget = allocate(spectra, 0.5)
     text = (real_demo / "alice29.txt").read_text()

@@ -63,13 +63,13 @@ def test_errors_are_output_errors_of_one_line(tmp_path) -> None:
 
 def test_eval_refuses_a_bad_out_before_loading_the_model(tmp_path, monkeypatch, capsys) -> None:
     """A bad --out on eval was found only after the whole run (58-75 s lost)."""
-    import acttail_core.cli_eval as cli_eval
+    import acttail_core.cli.common as cli_common
     from acttail_core.cli import main
 
     def no_load(args):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(cli_eval, "load_from_args", no_load)
+    monkeypatch.setattr(cli_common, "load_from_args", no_load)
     (tmp_path / "results").mkdir()
     code = main(["eval", "--sparsity", "0.5", "--max-tokens", "64", "--out", str(tmp_path / "results")])
     assert code == 2 and "is a folder" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""CLI commands ``eval``, ``bench`` and ``prepare`` (registered with ``acttail_core.cli``).
+"""``acttail eval``, ``acttail bench`` and ``acttail prepare``: perplexity, tokens/s, and the one-time set-up.
 
     python -m acttail_core eval --model default --sparsity 0.7 --corpus demo --max-tokens 8192
     python -m acttail_core eval --model default --budget budget.json --uniform --corpus wikitext2
@@ -12,28 +12,36 @@ from __future__ import annotations
 
 import argparse
 
-from . import __version__
-from .cli import (
-    add_allocation_arguments,
-    add_model_arguments,
-    build_budget,
-    load_from_args,
-    model_input,
-    print_table,
-    register,
-    settings_from_args,
+import pandas as pd
+
+from .. import __version__
+from ..allocation import check_target
+from ..budget import Budget, load_budget
+from ..corpora import (
+    default_calibration_corpus,
+    default_seqlen,
+    ensure_demo_corpus,
+    load_calibration_text,
+    load_text,
+    same_text,
 )
-from .errors import ActTailError
-from .safe_io import check_output, write_json
+from ..errors import ActTailError
+from ..evaluate import compare, noise_note, throughput, throughput_note, uniform_for
+from ..models import LoadedModel, cache_root, check_device, load_model
+from ..progress import TqdmProgress
+from ..projections import find_projections
+from ..safe_io import check_output, write_json
+from ..sparsify import SPARSITY_MODES
+from ..spectra import compute_spectra
+from ..thresholds import calibrate_thresholds
+from . import common
 
 PPL_CONVENTION = "SparseGPT/Wanda: non-overlapping chunks, ppl = exp(mean token NLL)"
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sparsify import SPARSITY_MODES
-
-    add_model_arguments(parser)
-    add_allocation_arguments(parser)
+    common.add_model_arguments(parser)
+    common.add_allocation_arguments(parser)
     parser.add_argument("--budget", default=None,
                         help="budget JSON (from `allocate` or the dashboard) instead of --sparsity")
     parser.add_argument("--allow-other-weights", action="store_true",
@@ -53,35 +61,27 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading the model."""
-    from .allocation import check_target
-    from .models import check_device
-
     check_device(args.device)
     if (args.sparsity is None) == (args.budget is None):
         raise ActTailError("give exactly one of --sparsity S or --budget FILE")
     if getattr(args, "calib_tokens", None) is not None and args.calib_tokens < 2:
         raise ActTailError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.sparsity is not None:
-        check_target(args.sparsity, settings_from_args(args))
+        check_target(args.sparsity, common.settings_from_args(args))
     else:
-        from .budget import load_budget
-
         load_budget(args.budget)  # a malformed budget fails now; the model check follows the load
     if args.out is not None:  # a bad --out (even an empty one) must not cost a whole run
-        inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, model_input(args)]
+        inputs = [args.budget, args.spectra, getattr(args, "corpus", None), args.calib_corpus, common.model_input(args)]
         args.out = check_output(args.out, inputs)
 
 
-def _budget(args: argparse.Namespace, loaded):
-    from .budget import load_budget
-    from .projections import find_projections
-
+def _budget(args: argparse.Namespace, loaded: LoadedModel) -> Budget:
     if args.budget:
         return load_budget(args.budget, find_projections(loaded.model), loaded.fingerprint, args.allow_other_weights)
-    return build_budget(args, loaded, args.sparsity)
+    return common.build_budget(args, loaded, args.sparsity)
 
 
-def _config(args: argparse.Namespace, loaded, budget, **extra) -> dict:
+def _config(args: argparse.Namespace, loaded: LoadedModel, budget: Budget, **extra) -> dict:
     return {
         "model": args.model,
         "fingerprint": loaded.fingerprint,
@@ -110,10 +110,6 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from .corpora import default_calibration_corpus, load_text, same_text
-    from .evaluate import compare
-    from .progress import TqdmProgress
-
     _check_common(args)
     if args.seqlen is not None and args.seqlen < 2:
         raise ActTailError(f"--seqlen must be at least 2, got {args.seqlen}")
@@ -129,10 +125,8 @@ def _eval_run(args: argparse.Namespace) -> int:
         calib = args.calib_corpus or default_calibration_corpus(args.corpus)
         if same_text(args.corpus, calib):
             raise ActTailError(f"--calib-corpus {calib} is the evaluation text; calibrate on a different text")
-        from .corpora import load_calibration_text
-
         load_calibration_text(calib)
-    loaded = load_from_args(args)
+    loaded = common.load_from_args(args)
     budget = _budget(args, loaded)
     results = compare(
         loaded,
@@ -148,15 +142,11 @@ def _eval_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         calib_tokens=args.calib_tokens,
     )
-    import pandas as pd
-
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
     seqlen = args.seqlen
     if seqlen is None:
-        from .corpora import default_seqlen
-
         seqlen = default_seqlen(loaded)
-    print_table(
+    common.print_table(
         frame.round({"sparsity": 4, "ppl": 3, "nll": 4, "realized_sparsity": 4, "seconds": 2}),
         f"{loaded.name} on {args.corpus}: {args.mode} sparsity, {results[-1].tokens} tokens scored "
         f"in {seqlen}-token chunks "
@@ -190,22 +180,17 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from .evaluate import _uniform_for, noise_note, throughput, throughput_note
-    from .progress import TqdmProgress
-
     _check_common(args)
     if min(args.prompt_len, args.new_tokens, args.repeats) < 1:
         raise ActTailError("--prompt-len, --new-tokens and --repeats must be at least 1")
-    loaded = load_from_args(args)
+    loaded = common.load_from_args(args)
     budget = _budget(args, loaded)
     budgets = [None] if args.dense else []
     if args.uniform and budget.method != "uniform":
-        budgets.append(_uniform_for(loaded, budget))
+        budgets.append(uniform_for(loaded, budget))
     budgets.append(budget)
     calibration = None
     if args.mode == "threshold":
-        from .thresholds import calibrate_thresholds
-
         kwargs = {} if args.calib_tokens is None else {"max_tokens": args.calib_tokens}
         calibration = calibrate_thresholds(
             loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"), **kwargs
@@ -220,14 +205,12 @@ def _bench_run(args: argparse.Namespace) -> int:
         progress=TqdmProgress("bench"),
         calibration=calibration,
     )
-    import pandas as pd
-
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
     frame["decode_min"] = [min(r.decode_runs, default=float("nan")) for r in results]
     frame["decode_max"] = [max(r.decode_runs, default=float("nan")) for r in results]
     shown = ["sparsity", "decode_path", "decode_tokens_per_s", "decode_min", "decode_max", "decode_speedup",
              "prefill_tokens_per_s"]
-    print_table(
+    common.print_table(
         frame[shown].round(3),
         f"{loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), batch 1, {args.mode} "
         f"sparsity, tokens/s: median (min, max) of {args.repeats} after a warm-up",
@@ -253,11 +236,6 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
-    from .corpora import ensure_demo_corpus
-    from .models import cache_root, load_model
-    from .progress import TqdmProgress
-    from .spectra import compute_spectra
-
     loaded = load_model(args.model, progress=TqdmProgress("model"))
     print(f"model {loaded.name}: {loaded.source} (fingerprint {loaded.fingerprint})")
     folder = ensure_demo_corpus(progress=TqdmProgress("demo corpus"))
@@ -267,9 +245,10 @@ def _prepare_run(args: argparse.Namespace) -> int:
     return 0
 
 
-register("eval", "perplexity of dense, uniform and budgeted sparsity", _eval_arguments, _eval_run)
-register("bench", "prefill and decode tokens/s of dense, uniform and budgeted sparsity", _bench_arguments, _bench_run)
-register(
-    "prepare", "convert the default model, fetch the demo corpus, cache its spectra (setup)",
-    _prepare_arguments, _prepare_run,
+COMMANDS = (
+    common.Command("eval", "perplexity of dense, uniform and budgeted sparsity", _eval_arguments, _eval_run),
+    common.Command("bench", "prefill and decode tokens/s of dense, uniform and budgeted sparsity", _bench_arguments,
+                   _bench_run),
+    common.Command("prepare", "convert the default model, fetch the demo corpus, cache its spectra (setup)",
+                   _prepare_arguments, _prepare_run),
 )

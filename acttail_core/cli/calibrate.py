@@ -1,4 +1,4 @@
-"""CLI command ``calibrate`` (registered with ``acttail_core.cli``).
+"""``acttail calibrate``: the acttail settings for this model, chosen on calibration text.
 
     python -m acttail_core calibrate --model gemma3-270m --sparsity 0.7 --out budget.json
 
@@ -11,15 +11,29 @@ from __future__ import annotations
 import argparse
 import math
 
-from .cli import add_model_arguments, load_from_args, model_input, print_table, register
-from .errors import ActTailError
-from .safe_io import check_output
+import pandas as pd
+
+from ..allocation import AllocationSettings, check_target
+from ..budget import save_budget
+from ..calibration import (
+    DEFAULT_SEQLEN,
+    DEFAULT_TEXTS,
+    DEFAULT_TOKENS,
+    MAX_SWEEPS,
+    MIN_GAIN,
+    SpectraByRule,
+    calibrate,
+    check_calibration_texts,
+)
+from ..errors import ActTailError
+from ..models import check_device
+from ..progress import TqdmProgress
+from ..safe_io import check_output
+from . import common
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    from .calibration import DEFAULT_SEQLEN, DEFAULT_TEXTS, DEFAULT_TOKENS, MAX_SWEEPS, MIN_GAIN
-
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument("--sparsity", type=float, required=True, help="target in (0, 0.95]")
     parser.add_argument("--calib-texts", nargs="+", default=list(DEFAULT_TEXTS),
                         help="calibration texts (demo:NAME, wikitext2 or files); never your evaluation text")
@@ -32,12 +46,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .allocation import AllocationSettings, check_target
-    from .budget import save_budget
-    from .calibration import SpectraByRule, calibrate, check_calibration_texts
-    from .models import check_device
-    from .progress import TqdmProgress
-
     check_device(args.device)
     check_target(args.sparsity, AllocationSettings())
     if args.sparsity == 0:
@@ -47,25 +55,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_sweeps < 1 or not (math.isfinite(args.min_gain) and args.min_gain >= 0):
         raise ActTailError("--max-sweeps must be at least 1 and --min-gain a number >= 0")
     check_calibration_texts(args.calib_texts)
-    args.out = check_output(args.out, [model_input(args)] + list(args.calib_texts))
-    loaded = load_from_args(args)
+    args.out = check_output(args.out, [common.model_input(args)] + list(args.calib_texts))
+    loaded = common.load_from_args(args)
     spectra_for = SpectraByRule(loaded, TqdmProgress("spectra"))
     found = calibrate(loaded, args.sparsity, texts=tuple(args.calib_texts), tokens=args.calib_tokens,
                       seqlen=args.seqlen, spectra_for=spectra_for, max_sweeps=args.max_sweeps,
                       min_gain=args.min_gain, progress=TqdmProgress("calibrate"))
-    import pandas as pd
-
     uniform = found.search.uniform_nll
     frame = pd.DataFrame([{"setting": choice.label, "ppl": math.exp(nll),
                            "vs uniform": f"{math.exp(nll - uniform) - 1:+.1%}"} for choice, nll in found.search.trace])
     frame.index = range(1, len(frame) + 1)
-    print_table(frame.round({"ppl": 3}), f"{loaded.name} at sparsity {args.sparsity:g}: {found.search.runs} perplexity "
-                f"runs on {found.tokens} tokens of {', '.join(found.texts)} in {found.seconds:.0f} s")
+    title = (f"{loaded.name} at sparsity {args.sparsity:g}: {found.search.runs} perplexity runs on {found.tokens} "
+             f"tokens of {', '.join(found.texts)} in {found.seconds:.0f} s")
+    common.print_table(frame.round({"ppl": 3}), title)
     print(f"chosen: {found.choice.label} (ppl {math.exp(found.search.nll):.3f} vs uniform {math.exp(uniform):.3f})")
     path = save_budget(found.budget(spectra_for), args.out)
     print(f"wrote {path}")
     return 0
 
 
-register("calibrate", "choose temperature, direction, grouping and xmin rule for this model on calibration text",
-         _arguments, _run)
+COMMANDS = (
+    common.Command("calibrate", "choose temperature, direction, grouping and xmin rule for this model on calibration "
+                   "text", _arguments, _run),
+)
