@@ -1,6 +1,6 @@
 """Stage 5: perplexity and throughput of dense, uniform and budgeted models.
 
-Perplexity follows the SparseGPT/Wanda convention (METHOD.md section 5): the
+Perplexity follows the SparseGPT/Wanda convention: the
 text is tokenized once (special tokens only where the tokenizer adds them by
 itself, e.g. Llama-2's BOS), cut into non-overlapping chunks of ``seqlen``
 tokens (the tail that does not fill a chunk is dropped), every chunk is scored

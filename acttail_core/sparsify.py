@@ -7,7 +7,7 @@ masked experts implementation inside a mixture of experts) and removes all of it
 exit (also on exceptions); weights are never touched, so the model is
 bit-identical afterwards.
 
-Two modes (METHOD.md section 1):
+Two modes:
 
 * ``topk`` (ActTail): for every token keep the ``keep`` entries of the
   projection's input with the largest magnitude. The k-th largest magnitude
@@ -18,14 +18,11 @@ Two modes (METHOD.md section 1):
   once per distinct input and keep count.
 * ``threshold`` (TEAL): one magnitude threshold per projection, calibrated on
   sample text (``calibrate_thresholds``) so that the expected fraction of zeros
-  equals the budget; the mask is a single fused ``hardshrink``. Measured on
-  SmolLM2-135M (2048 calibration tokens of asyoulik, 2048 held-out tokens of
-  alice29, budgets at 0.5 and 0.7): the parameter-weighted realized sparsity is
-  within 0.6 points of the budget and q/k/v/gate/up/down within 1.4 points on
-  average (3.7 at worst), but o_proj misses by 2.3 points on average and up to
-  8: its input, an attention-weighted mean of v, depends on the position in the
-  chunk and on the text, which one scalar threshold cannot follow. TopK has no
-  such drift.
+  equals the budget; the mask is a single fused ``hardshrink``. On held-out text
+  the realized sparsity drifts from the budget, most for o_proj: its input, an
+  attention-weighted mean of v, depends on the position in the chunk and on the
+  text, which one scalar threshold cannot follow (the README gives the measured
+  drift). TopK has no such drift.
 
 Realized sparsity is counted on the device (int64 counters, one reduction per
 call) and only synchronised when read through ``SparsityStats``.

@@ -4,9 +4,9 @@
 entries of largest magnitude and zeroes the rest, in one kernel: read the row
 once into registers, find the k-th largest magnitude by a radix (bitwise binary)
 search on the float's bit pattern, write the masked row. ``torch.topk`` followed
-by a scatter launches several kernels and sorts; for the prefill shapes of a 7B
-model this kernel is the difference between a 2.5x and a ~1.1x slowdown
-(bench/bench_topk.py measures it).
+by a scatter launches several kernels and sorts, which for the prefill shapes of a
+7B model costs more than the layer itself (bench/bench_topk.py measures both; the
+README has the figures).
 
 Why a bit search works: for non-negative IEEE floats the integer bit pattern is
 ordered like the value, so the k-th largest magnitude is the largest bit
