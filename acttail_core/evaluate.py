@@ -59,6 +59,30 @@ FUSED_NOTE = (
 )
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How perplexity and throughput are measured: one object for the CLI, the dashboard, the sweep and the study.
+
+    Perplexity reads ``corpus`` (``max_tokens`` of it, in chunks of ``seqlen``; None = the whole text in
+    chunks of ``default_seqlen``); threshold mode calibrates on ``calib_corpus`` (None = the corpus's own
+    calibration text) over ``calib_tokens``. Throughput runs ``repeats`` rounds of a ``prompt_len`` prefill
+    and ``new_tokens`` decode steps at ``batch`` sequences. ``batch_size`` is perplexity's chunks per
+    forward (None = 1 on the CPU, as many as fit on CUDA).
+    """
+
+    corpus: str = "demo"
+    seqlen: Optional[int] = None
+    max_tokens: Optional[int] = None
+    mode: str = "topk"
+    calib_corpus: Optional[str] = None
+    calib_tokens: Optional[int] = None
+    batch_size: Optional[int] = None
+    prompt_len: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    batch: int = 1
+
+
 @dataclass
 class PerplexityResult:
     method: str
@@ -259,25 +283,19 @@ def uniform_for(loaded: LoadedModel, budget: Budget) -> Budget:
 def compare(
     loaded: LoadedModel,
     budget: Budget,
-    corpus: str = "demo",
-    seqlen: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    mode: str = "topk",
+    settings: EvalSettings = EvalSettings(),
     include_dense: bool = True,
     include_uniform: bool = True,
     progress: Optional[ProgressFn] = None,
     *,
-    calib_corpus: Optional[str] = None,
     calibration: Optional[ThresholdTable] = None,
-    batch_size: Optional[int] = None,
-    calib_tokens: Optional[int] = None,
     cache: Optional[MutableMapping] = None,
 ) -> list[PerplexityResult]:
     """Dense, uniform at the budget's effective sparsity, then the budget, on the same chunks.
 
     In threshold mode the thresholds come from ``calibration`` or are calibrated
-    on ``calib_corpus`` (default: the corpus's own calibration text, never the
-    evaluation text).
+    on ``settings.calib_corpus`` (default: the corpus's own calibration text, never
+    the evaluation text).
     """
     runs: list[tuple[str, Optional[Budget]]] = []
     if include_dense:
@@ -285,33 +303,27 @@ def compare(
     if include_uniform and budget.method != "uniform":
         runs.append(("uniform", uniform_for(loaded, budget)))
     runs.append((budget.method, budget))
-    return evaluate_budgets(loaded, runs, corpus, seqlen, max_tokens, mode, progress, calib_corpus=calib_corpus,
-                            calibration=calibration, batch_size=batch_size, calib_tokens=calib_tokens, cache=cache)
+    return evaluate_budgets(loaded, runs, settings, progress, calibration=calibration, cache=cache)
 
 
 def evaluate_budgets(
     loaded: LoadedModel,
     runs: Sequence[tuple[str, Optional[Budget]]],
-    corpus: str = "demo",
-    seqlen: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    mode: str = "topk",
+    settings: EvalSettings = EvalSettings(),
     progress: Optional[ProgressFn] = None,
     *,
-    calib_corpus: Optional[str] = None,
     calibration: Optional[ThresholdTable] = None,
-    batch_size: Optional[int] = None,
-    calib_tokens: Optional[int] = None,
     cache: Optional[MutableMapping] = None,
 ) -> list[PerplexityResult]:
-    """Perplexity of every ``(label, budget)`` run (None = dense) on the same chunks of ``corpus``.
+    """Perplexity of every ``(label, budget)`` run (None = dense) on the same chunks of ``settings.corpus``.
 
     ``progress`` advances through every chunk of every run (one bar for the whole call). With ``cache`` (any
     dict-like the caller keeps, e.g. for a server's lifetime) a run already measured on the same weights,
     tokens, mode, calibration and per-projection sparsities is taken from it (``cached=True``), not measured
     again.
     """
-
+    corpus, seqlen, max_tokens, mode = settings.corpus, settings.seqlen, settings.max_tokens, settings.mode
+    calib_corpus, calib_tokens = settings.calib_corpus, settings.calib_tokens
     _check_mode(mode)
     projections = find_projections(loaded.model)
     for _, budget in runs:
@@ -344,7 +356,7 @@ def evaluate_budgets(
             kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
             table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
         thresholds = table.thresholds_for(budget) if (table is not None and budget is not None) else None
-        result = perplexity(loaded, chunks, budget, mode, thresholds, method=label, batch_size=batch_size,
+        result = perplexity(loaded, chunks, budget, mode, thresholds, method=label, batch_size=settings.batch_size,
                             progress=step)
         if cache is not None:
             cache[key] = result
@@ -413,15 +425,11 @@ def fused_decode_unavailable(loaded: LoadedModel, mode: str) -> Optional[str]:
 def throughput(
     loaded: LoadedModel,
     budgets: Sequence[Optional[Budget]],
-    prompt_len: int = 128,
-    new_tokens: int = 32,
-    repeats: int = 3,
-    mode: str = "topk",
+    settings: EvalSettings = EvalSettings(),
     progress: Optional[ProgressFn] = None,
     *,
     calibration: Optional[ThresholdTable] = None,
     topk_impl: str = "auto",
-    batch: int = 1,
 ) -> list[ThroughputResult]:
     """Prefill and decode tokens/s for each budget (None = dense), with the decode speed-up over dense.
 
@@ -429,10 +437,13 @@ def throughput(
     ``acttail_core.decode`` (sparse kernels for budgets); elsewhere the masked path of ``sparsify()``
     (see ``THROUGHPUT_NOTE``). Prefill is always transformers' forward with the budget's masks. The
     prompt is random token ids (a fixed seed): speed does not depend on the text. Threshold mode
-    calibrates on the demo corpus unless given a table. The repeats are taken in rounds (every budget
-    once per round, after a warm-up round), so a change in the machine's load hits every budget alike;
-    each result says whether its difference from dense is within the spread of the repeats.
+    calibrates on ``settings.calib_corpus`` (the demo text by default) unless given a table. The repeats
+    are taken in rounds (every budget once per round, after a warm-up round), so a change in the
+    machine's load hits every budget alike; each result says whether its difference from dense is
+    within the spread of the repeats.
     """
+    prompt_len, new_tokens, repeats, batch = settings.prompt_len, settings.new_tokens, settings.repeats, settings.batch
+    mode = settings.mode
     _check_mode(mode)
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or batch < 1:
         raise ActTailError(
@@ -444,8 +455,8 @@ def throughput(
             f"{setting('prompt_len')} + {setting('new_tokens')} exceeds the model's context length {limit}"
         )
     if mode == "threshold" and calibration is None and any(b is not None for b in budgets):
-
-        calibration = calibrate_thresholds(loaded, "demo", progress=progress)
+        kwargs = {} if settings.calib_tokens is None else {"max_tokens": settings.calib_tokens}
+        calibration = calibrate_thresholds(loaded, settings.calib_corpus or "demo", progress=progress, **kwargs)
     why_not = fused_decode_unavailable(loaded, mode)
     if why_not is not None:
         log.info("decode on the masked path: %s", why_not)

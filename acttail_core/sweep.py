@@ -13,7 +13,7 @@ from typing import MutableMapping, Optional, Sequence
 from .allocation import MAX_TARGET, AllocationSettings, allocate, check_target, uniform_budget
 from .budget import Budget, budget_key, describe
 from .errors import ActTailError
-from .evaluate import evaluate_budgets
+from .evaluate import EvalSettings, evaluate_budgets
 from .greedy import greedy_budget
 from .models import LoadedModel
 from .progress import ProgressFn
@@ -93,21 +93,17 @@ def sweep(
     targets: Sequence[float],
     methods: Sequence[str],
     settings: AllocationSettings = AllocationSettings(),
-    corpus: str = "demo",
-    max_tokens: Optional[int] = None,
-    seqlen: Optional[int] = None,
-    mode: str = "topk",
+    evaluation: EvalSettings = EvalSettings(),
     progress: Optional[ProgressFn] = None,
     cache: Optional[MutableMapping] = None,
 ) -> list[dict]:
     """Perplexity of every sweep run on the same tokens: one row per run (a point of perplexity vs sparsity)."""
     runs = sweep_runs(loaded, spectra, targets, methods, settings, progress)
-    results = evaluate_budgets(loaded, [(run.label, run.budget) for run in runs], corpus, seqlen, max_tokens, mode,
-                               progress, cache=cache)
+    results = evaluate_budgets(loaded, [(run.label, run.budget) for run in runs], evaluation, progress, cache=cache)
     rows = []
     for run, result in zip(runs, results):
         row = result.as_dict()
         row.update(method=run.method, label=run.label, target_sparsity=run.target, cached=result.cached,
-                   corpus=corpus, mode=mode)
+                   corpus=evaluation.corpus, mode=evaluation.mode)
         rows.append(row)
     return rows

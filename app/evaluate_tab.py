@@ -67,9 +67,11 @@ def _speed_key(ctx: AppContext, mode: str) -> tuple:
     return (ctx.loaded.fingerprint, ctx.loaded.device, str(ctx.loaded.dtype), mode)
 
 
-def _seqlen(ctx: AppContext, tokens: int) -> int:
-    """A quick check may score fewer tokens than the model's default chunk: then one chunk of all of them."""
-    return min(tokens, default_seqlen(ctx.loaded))
+def _perplexity_settings(ctx: AppContext, corpus: str, tokens: int, mode: str) -> evaluate.EvalSettings:
+    """The Evaluate tab's settings; a quick check may score fewer tokens than the model's default chunk, and is then
+    one chunk of all of them."""
+    return evaluate.EvalSettings(corpus=corpus, seqlen=min(tokens, default_seqlen(ctx.loaded)), max_tokens=tokens,
+                                 mode=mode)
 
 
 def estimate(ctx: AppContext, tokens: int, runs: int, mode: str) -> str:
@@ -94,7 +96,7 @@ def run_budgets(ctx: AppContext, runs: Sequence[tuple[str, Optional[Budget]]], k
     try:
         with slot.container():
             results = evaluate.evaluate_budgets(
-                ctx.loaded, runs, corpus=corpus, seqlen=_seqlen(ctx, tokens), max_tokens=tokens, mode=mode,
+                ctx.loaded, runs, _perplexity_settings(ctx, corpus, tokens, mode),
                 progress=StreamlitProgress(st, f"perplexity run {run}"), cache=state.results_cache(),
             )
     except Exception as error:
@@ -196,9 +198,9 @@ def _run_sweep(ctx: AppContext, targets: list[float], methods: list[str], corpus
     run = _next_run()
     slot = st.empty()
     with slot.container():
-        results = sweep(ctx.loaded, ctx.spectra, targets, methods, settings, corpus=corpus, max_tokens=tokens,
-                        seqlen=_seqlen(ctx, tokens), mode=mode, progress=StreamlitProgress(st, f"sweep (run {run})"),
-                        cache=state.results_cache())
+        evaluation = _perplexity_settings(ctx, corpus, tokens, mode)
+        results = sweep(ctx.loaded, ctx.spectra, targets, methods, settings, evaluation,
+                        progress=StreamlitProgress(st, f"sweep (run {run})"), cache=state.results_cache())
     slot.empty()
     rows = []
     for result in results:
@@ -267,8 +269,8 @@ def _run_throughput(ctx: AppContext, prompt_len: int, new_tokens: int, repeats: 
     run = _next_run()
     slot = st.empty()
     with slot.container():
-        results = evaluate.throughput(ctx.loaded, budgets, prompt_len=prompt_len, new_tokens=new_tokens,
-                                      repeats=repeats, mode=mode,
+        settings = evaluate.EvalSettings(mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+        results = evaluate.throughput(ctx.loaded, budgets, settings,
                                       progress=StreamlitProgress(st, f"throughput run {run}"))
     slot.empty()
     rows = []

@@ -401,13 +401,12 @@ def test_pinned_budgets_side_by_side_in_the_url_and_evaluated_together(default_l
 
     seen = {}
 
-    def fake_evaluate_budgets(loaded, runs, corpus="demo", seqlen=None, max_tokens=None, mode="topk", progress=None,
-                              **_):
+    def fake_evaluate_budgets(loaded, runs, settings=None, progress=None, **_):
         seen["labels"] = [label for label, _ in runs]
         if progress:
             progress(1, 1, "done")
         return [evaluate.PerplexityResult(label, 0.0 if b is None else b.effective_sparsity, 20.0 + i, 3.0,
-                                          max_tokens, 0.0, 0.1) for i, (label, b) in enumerate(runs)]
+                                          settings.max_tokens, 0.0, 0.1) for i, (label, b) in enumerate(runs)]
 
     monkeypatch.setattr(evaluate, "evaluate_budgets", fake_evaluate_budgets)
     at.button(key="cmp_evaluate").click().run()

@@ -10,7 +10,7 @@ from acttail_core import evaluate
 from acttail_core.allocation import uniform_budget
 from acttail_core.errors import ActTailError, CorpusError
 from acttail_core.corpora import tokenize_corpus
-from acttail_core.evaluate import compare, perplexity, throughput
+from acttail_core.evaluate import EvalSettings, compare, perplexity, throughput
 from acttail_core.projections import find_projections
 
 TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
@@ -89,7 +89,7 @@ def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
     corpus = tmp_path / "eval.txt"
     corpus.write_text(TEXT)
     budget = acttail_like(tiny_loaded, 0.5)
-    results = compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192)
+    results = compare(tiny_loaded, budget, EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=192))
     assert [r.method for r in results] == ["dense", "uniform", "acttail"]
     assert len({r.tokens for r in results}) == 1
     assert results[0].realized_sparsity < 0.01
@@ -97,12 +97,12 @@ def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
     assert results[2].realized_sparsity == pytest.approx(budget.effective_sparsity, abs=0.01)
     assert set(results[0].as_dict()) == {"method", "sparsity", "ppl", "nll", "tokens", "realized_sparsity", "seconds"}
     with pytest.raises(ActTailError, match="calibration text"):
-        compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192, mode="threshold")
+        compare(tiny_loaded, budget, EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=192, mode="threshold"))
 
 
 def test_throughput_reports_all_budgets(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
-    results = throughput(tiny_loaded, [None, budget], prompt_len=16, new_tokens=3, repeats=2)
+    results = throughput(tiny_loaded, [None, budget], EvalSettings(prompt_len=16, new_tokens=3, repeats=2))
     assert [r.method for r in results] == ["dense", "uniform"]
     assert all(r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0 for r in results)
     assert [r.decode_path for r in results] == ["masked", "masked"]  # no CUDA here
@@ -110,7 +110,7 @@ def test_throughput_reports_all_budgets(tiny_loaded):
     assert "cannot be faster than dense" in evaluate.throughput_note(results)
     assert evaluate.fused_decode_unavailable(tiny_loaded, "topk") == "no CUDA GPU"
     with pytest.raises(ActTailError, match="context length"):
-        throughput(tiny_loaded, [None], prompt_len=600, new_tokens=3)
+        throughput(tiny_loaded, [None], EvalSettings(prompt_len=600, new_tokens=3))
 
 
 def test_default_model_perplexity_matches_transformers(default_loaded):
@@ -138,7 +138,7 @@ def test_throughput_decodes_on_the_fused_step_where_it_can(tiny_loaded, monkeypa
     monkeypatch.setattr(evaluate, "fused_decode_unavailable", lambda loaded, mode: None)
     before = {n: p.detach().clone() for n, p in tiny_loaded.model.named_parameters()}
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
-    results = throughput(tiny_loaded, [None, budget], prompt_len=3, new_tokens=2, repeats=1)
+    results = throughput(tiny_loaded, [None, budget], EvalSettings(prompt_len=3, new_tokens=2, repeats=1))
     assert [r.decode_path for r in results] == ["dense-graph", "sparse-gather"]
     assert all(r.decode_tokens_per_s > 0 and len(r.decode_runs) == 1 for r in results)
     assert results[1].decode_speedup == pytest.approx(results[1].decode_tokens_per_s / results[0].decode_tokens_per_s)
@@ -155,7 +155,7 @@ def test_one_progress_bar_over_every_chunk_of_every_run_and_a_cache(tiny_loaded,
     budget = acttail_like(tiny_loaded, 0.5)
     seen = []
     cache: dict = {}
-    results = compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=192,
+    results = compare(tiny_loaded, budget, EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=192),
                       progress=lambda done, total, message: seen.append((done, total)), cache=cache)
     assert {total for _, total in seen} == {9}  # 3 runs x 3 chunks, one bar
     assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1] == (9, 9)
@@ -164,8 +164,8 @@ def test_one_progress_bar_over_every_chunk_of_every_run_and_a_cache(tiny_loaded,
 
     calls = []
     monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: calls.append(a))
-    again = evaluate.evaluate_budgets(tiny_loaded, [("mine", budget), ("dense", None)], corpus=str(corpus), seqlen=64,
-                                      max_tokens=192, cache=cache)
+    again = evaluate.evaluate_budgets(tiny_loaded, [("mine", budget), ("dense", None)],
+                                      EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=192), cache=cache)
     assert calls == [] and all(r.cached for r in again)  # nothing measured twice
     assert again[0].method == "mine" and again[0].ppl == results[2].ppl and again[1].ppl == results[0].ppl
     assert "cached" not in again[0].as_dict()
@@ -180,7 +180,7 @@ def test_estimate_seconds_from_earlier_runs():
 
 def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
-    results = throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=2, repeats=3)
+    results = throughput(tiny_loaded, [None, budget], EvalSettings(prompt_len=8, new_tokens=2, repeats=3))
     assert all(len(r.prefill_runs) == 3 and len(r.decode_runs) == 3 for r in results)
     assert results[0].prefill_within_noise is None and results[1].decode_within_noise in (True, False)
     assert evaluate.within_noise([10, 12], [11, 13]) and not evaluate.within_noise([10, 11], [20, 21])
@@ -198,7 +198,7 @@ def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded)
 def test_throughput_rounds_interleave_the_methods(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
     messages = []
-    throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=1, repeats=2,
+    throughput(tiny_loaded, [None, budget], EvalSettings(prompt_len=8, new_tokens=1, repeats=2),
                progress=lambda done, total, message: messages.append(message))
     assert messages[:6] == ["dense: warm-up", "uniform: warm-up", "dense: repeat 1/2", "uniform: repeat 1/2",
                             "dense: repeat 2/2", "uniform: repeat 2/2"]

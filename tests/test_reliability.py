@@ -92,7 +92,7 @@ def test_budget_as_out_of_eval_is_refused_and_kept(tiny_loaded, tmp_path, capsys
 def test_quick_check_of_a_huge_corpus_reads_only_its_start(tiny_loaded, tmp_path) -> None:
     """A 405 MB corpus took 1.8 GB of memory with --max-tokens 256: now a megabyte or so, whatever the file's size."""
     from acttail_core.allocation import uniform_budget
-    from acttail_core.evaluate import compare
+    from acttail_core.evaluate import EvalSettings, compare
     from acttail_core.projections import find_projections
 
     corpus = tmp_path / "huge.txt"
@@ -103,7 +103,8 @@ def test_quick_check_of_a_huge_corpus_reads_only_its_start(tiny_loaded, tmp_path
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
     tracemalloc.start()
     try:
-        results = compare(tiny_loaded, budget, corpus=str(corpus), seqlen=64, max_tokens=256, include_dense=False)
+        results = compare(tiny_loaded, budget, EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=256),
+                          include_dense=False)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -6,6 +6,7 @@ import pytest
 from acttail_core import evaluate
 from acttail_core.allocation import AllocationSettings
 from acttail_core.errors import ActTailError
+from acttail_core.evaluate import EvalSettings
 from acttail_core.progress import part
 from acttail_core.spectra import compute_spectra
 from acttail_core.sweep import parse_targets, sweep, sweep_runs
@@ -50,8 +51,9 @@ def test_sweep_measures_each_point_once(tiny_loaded, tiny_spectra, tmp_path, mon
     corpus.write_text(TEXT)
     cache: dict = {}
     progress = []
-    rows = sweep(tiny_loaded, tiny_spectra, [0.3, 0.6], ["dense", "uniform", "settings"], corpus=str(corpus),
-                 max_tokens=128, seqlen=64, cache=cache, progress=lambda d, t, m: progress.append((d, t)))
+    evaluation = EvalSettings(corpus=str(corpus), max_tokens=128, seqlen=64)
+    rows = sweep(tiny_loaded, tiny_spectra, [0.3, 0.6], ["dense", "uniform", "settings"], evaluation=evaluation,
+                 cache=cache, progress=lambda d, t, m: progress.append((d, t)))
     assert [(r["method"], r["target_sparsity"]) for r in rows][:3] == [("dense", 0.0), ("uniform", 0.3),
                                                                        ("settings", 0.3)]
     assert progress[-1] == (10, 10)  # 5 runs x 2 chunks
@@ -61,7 +63,7 @@ def test_sweep_measures_each_point_once(tiny_loaded, tiny_spectra, tmp_path, mon
     calls = []
     real = evaluate.perplexity
     monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = sweep(tiny_loaded, tiny_spectra, [0.3, 0.6, 0.8], ["dense", "uniform", "settings"], corpus=str(corpus),
-                  max_tokens=128, seqlen=64, cache=cache)
+    again = sweep(tiny_loaded, tiny_spectra, [0.3, 0.6, 0.8], ["dense", "uniform", "settings"],
+                  evaluation=evaluation, cache=cache)
     assert len(calls) == 2  # only the new target's two runs
     assert [r["ppl"] for r in again[:5]] == [r["ppl"] for r in rows] and sum(r["cached"] for r in again) == 5

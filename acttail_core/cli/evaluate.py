@@ -26,14 +26,13 @@ from ..corpora import (
     same_text,
 )
 from ..errors import ActTailError
-from ..evaluate import compare, noise_note, throughput, throughput_note, uniform_for
+from ..evaluate import EvalSettings, compare, noise_note, throughput, throughput_note, uniform_for
 from ..models import LoadedModel, cache_root, check_device, load_model
 from ..progress import TqdmProgress
 from ..projections import find_projections
 from ..safe_io import check_output, write_json
 from ..sparsify import SPARSITY_MODES
 from ..spectra import compute_spectra
-from ..thresholds import calibrate_thresholds
 from . import common
 
 PPL_CONVENTION = "SparseGPT/Wanda: non-overlapping chunks, ppl = exp(mean token NLL)"
@@ -128,20 +127,10 @@ def _eval_run(args: argparse.Namespace) -> int:
         load_calibration_text(calib)
     loaded = common.load_from_args(args)
     budget = _budget(args, loaded)
-    results = compare(
-        loaded,
-        budget,
-        corpus=args.corpus,
-        seqlen=args.seqlen,
-        max_tokens=args.max_tokens,
-        mode=args.mode,
-        include_dense=args.dense,
-        include_uniform=args.uniform,
-        progress=TqdmProgress("eval"),
-        calib_corpus=calib,
-        batch_size=args.batch_size,
-        calib_tokens=args.calib_tokens,
-    )
+    settings = EvalSettings(corpus=args.corpus, seqlen=args.seqlen, max_tokens=args.max_tokens, mode=args.mode,
+                            calib_corpus=calib, calib_tokens=args.calib_tokens, batch_size=args.batch_size)
+    results = compare(loaded, budget, settings, include_dense=args.dense, include_uniform=args.uniform,
+                      progress=TqdmProgress("eval"))
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
     seqlen = args.seqlen
     if seqlen is None:
@@ -189,22 +178,9 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.uniform and budget.method != "uniform":
         budgets.append(uniform_for(loaded, budget))
     budgets.append(budget)
-    calibration = None
-    if args.mode == "threshold":
-        kwargs = {} if args.calib_tokens is None else {"max_tokens": args.calib_tokens}
-        calibration = calibrate_thresholds(
-            loaded, args.calib_corpus or "demo", progress=TqdmProgress("calibrate"), **kwargs
-        )
-    results = throughput(
-        loaded,
-        budgets,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        mode=args.mode,
-        progress=TqdmProgress("bench"),
-        calibration=calibration,
-    )
+    settings = EvalSettings(mode=args.mode, calib_corpus=args.calib_corpus, calib_tokens=args.calib_tokens,
+                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    results = throughput(loaded, budgets, settings, progress=TqdmProgress("bench"))
     frame = pd.DataFrame([r.as_dict() for r in results]).set_index("method")
     frame["decode_min"] = [min(r.decode_runs, default=float("nan")) for r in results]
     frame["decode_max"] = [max(r.decode_runs, default=float("nan")) for r in results]
