@@ -65,8 +65,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .budget import MAX_TARGET, MAX_TEMPERATURE, METHODS, Budget, make_budget
+from .budget import MAX_TARGET, Budget, make_budget
 from .errors import ActTailError
+from .methods import KNOBS, METHOD_NAMES, METHODS, is_measured
 from .projections import Projection
 from .spectra import Spectra, finite_alpha
 
@@ -96,15 +97,15 @@ class AllocationSettings:
 
     def validate(self) -> "AllocationSettings":
         if self.method not in METHODS:
-            raise ActTailError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ActTailError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
         if self.direction not in DIRECTIONS:
             raise ActTailError(f"unknown direction {self.direction!r}; choose keep-heavy or keep-light")
         if self.group not in GROUPS:
             raise ActTailError(f"unknown group {self.group!r}; choose projection, type or layer")
-        if not (np.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
-            raise ActTailError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
-        if not (0 <= self.eps < 1):
-            raise ActTailError(f"eps must be in [0, 1), got {self.eps}")
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            if not (np.isfinite(value) and knob.accepts(value)):
+                raise ActTailError(f"{knob.name} must be in {knob.range_text()}, got {value}")
         if not (0 <= self.lower < self.upper < 1):
             raise ActTailError(f"bounds must satisfy 0 <= lower < upper < 1, got {self.lower}, {self.upper}")
         return self
@@ -191,7 +192,7 @@ def allocate_sparsities(
     """Per-projection sparsities (same order as ``projections``) from alpha; greedy needs the model instead."""
     settings.validate()
     check_target(sparsity, settings)
-    if settings.method in ("greedy", "greedy-block"):
+    if is_measured(settings.method):
         raise ActTailError(f"the {settings.method} method measures the model's output error: use the greedy module")
     params = np.array([p.params for p in projections], dtype=np.float64)
     n = len(projections)

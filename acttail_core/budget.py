@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from . import __version__
 from .errors import BudgetError, setting
+from .methods import EPS, METHOD_NAMES, METHODS, TEMPERATURE
 from .projections import Projection
 from .safe_io import write_text
 
@@ -58,11 +59,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # what this tool writes
 READABLE_VERSIONS = (1, 2)
-METHODS = ("uniform", "acttail", "linear", "greedy", "greedy-block")
-V2_METHODS = ("greedy-block",)
 MAX_TARGET = 0.95  # the highest global target any method accepts
-# Past T ~ 50 the acttail map is already a strict ordering by score; the cap keeps T * score far from overflow.
-MAX_TEMPERATURE = 1000.0
 MAX_BUDGET_BYTES = 4 << 20  # a 400B-parameter model's budget is about 250 kB
 
 
@@ -117,8 +114,8 @@ class Budget(BaseModel):
     model_fingerprint: str = Field(min_length=1)
     method: str
     target_sparsity: float = Field(ge=0.0, le=MAX_TARGET)
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
-    eps: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    temperature: Optional[float] = Field(default=None, ge=TEMPERATURE.low, le=TEMPERATURE.high)
+    eps: Optional[float] = Field(default=None, ge=EPS.low, lt=EPS.high)
     direction: Optional[Literal["keep-heavy", "keep-light"]] = None
     group: Optional[Literal["projection", "type", "layer"]] = None
     xmin_rule: Optional[Literal["ks", "peak", "mid"]] = None
@@ -140,8 +137,8 @@ class Budget(BaseModel):
     @classmethod
     def _method(cls, value: str, info: ValidationInfo) -> str:
         if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
-        if value in V2_METHODS and info.data.get("schema_version") == 1:
+            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHOD_NAMES)}")
+        if METHODS[value].schema_version > 1 and info.data.get("schema_version") == 1:
             raise ValueError(f"method {value!r} needs schema_version 2")
         return value
 

@@ -462,3 +462,7 @@ def greedy_block_budget(
     return make_budget(find_projections(loaded.model), sparsities, model_name=loaded.name,
                        model_fingerprint=loaded.fingerprint, method="greedy-block", target_sparsity=sparsity,
                        alphas=alphas, group="layer")
+
+
+# The measured methods of ``methods.METHODS``, by name: ``(loaded, sparsity, alphas=..., progress=...) -> Budget``.
+BUILDERS = {"greedy": greedy_budget, "greedy-block": greedy_block_budget}

@@ -14,7 +14,8 @@ from .allocation import MAX_TARGET, AllocationSettings, allocate, check_target, 
 from .budget import Budget, budget_key, describe
 from .errors import ActTailError
 from .evaluate import EvalSettings, evaluate_budgets
-from .greedy import greedy_budget
+from .greedy import BUILDERS
+from .methods import is_measured
 from .models import LoadedModel
 from .progress import ProgressFn
 from .spectra import Spectra
@@ -72,9 +73,8 @@ def sweep_runs(
         for method in (m for m in SWEEP_METHODS if m in methods and m != "dense"):
             chosen = settings if method == "settings" else AllocationSettings(method=method)
             check_target(target, chosen)
-            if chosen.method == "greedy":
-
-                budget = greedy_budget(loaded, target, alphas=alphas, progress=progress)
+            if is_measured(chosen.method):
+                budget = BUILDERS[chosen.method](loaded, target, alphas=alphas, progress=progress)
             elif chosen.method == "uniform":
                 budget = uniform_budget(spectra.projections(), target, loaded.name, loaded.fingerprint, alphas)
             else:

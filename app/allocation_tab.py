@@ -14,9 +14,10 @@ import time
 import streamlit as st
 
 from acttail_core import calibration
-from acttail_core.allocation import DIRECTIONS, GROUPS, MAX_TARGET, METHODS, allocation_curves, settings_of
+from acttail_core.allocation import DIRECTIONS, GROUPS, MAX_TARGET, allocation_curves, settings_of
 from acttail_core.budget import MAX_BUDGET_BYTES, Budget, describe, load_budget, sparsity_difference
 from acttail_core.errors import ActTailError
+from acttail_core.methods import KNOBS, METHOD_NAMES, METHODS, is_measured, methods_help
 from app import charts, layout, pins, state
 from app.state import DEFAULT_SPARSITY, DEFAULTS, AppContext, StreamlitProgress, get_spectra, guarded, show_error
 
@@ -29,23 +30,16 @@ def _controls(disabled: bool) -> None:
             disabled=disabled, width=260,
             help="Target fraction of projection inputs zeroed, as the parameter-weighted mean over all projections.",
         )
-        st.slider(
-            "Allocation temperature", 0.0, 5.0, float(DEFAULTS.temperature), 0.05, key="temperature",
-            bind="query-params", disabled=disabled or method_now != "acttail", width=220,
-            help="acttail method: 0 = uniform; larger = sparsity follows alpha more strongly "
-            "(T = 1: one standard deviation of alpha changes the kept fraction e-fold).",
-        )
-        st.slider(
-            "Linear spread eps", 0.0, 0.9, float(DEFAULTS.eps), 0.05, key="eps", bind="query-params",
-            disabled=disabled or method_now != "linear", width=180,
-            help="linear method (AlphaPruning's map): sparsity ranges over (1 - eps) to (1 + eps) times the target.",
-        )
+        for knob in KNOBS:  # one slider per knob of any method, live for the methods that read it
+            st.slider(
+                knob.label, knob.low, knob.slider_high, float(getattr(DEFAULTS, knob.name)), knob.step, key=knob.name,
+                bind="query-params", disabled=disabled or knob not in METHODS[method_now].knobs, width=220,
+                help=f"{knob.help}.",
+            )
         st.selectbox(
-            "Method", METHODS, index=METHODS.index(DEFAULTS.method), key="method", bind="query-params",
+            "Method", METHOD_NAMES, index=METHOD_NAMES.index(DEFAULTS.method), key="method", bind="query-params",
             disabled=disabled, width=130,
-            help="uniform: every projection at the target. acttail: kept fraction log-linear in alpha (temperature). "
-            "linear: AlphaPruning's linear map (eps). greedy: measured output error instead of alpha "
-            "(one calibration pass on the demo text the first time, then cached).",
+            help=methods_help() + " The measured methods run one calibration pass the first time, then cached.",
         )
         st.selectbox(
             "Direction", DIRECTIONS, index=DIRECTIONS.index(DEFAULTS.direction), key="direction",
@@ -123,8 +117,9 @@ def _link_note(ctx: AppContext, upload: dict) -> str:
     """Whether the share link (the file's recorded settings) rebuilds the uploaded budget exactly."""
     budget: Budget = upload["budget"]
     target, settings = settings_of(budget)
-    if settings.method == "greedy":
-        return "The link asks for greedy at the same target; greedy is measured again, not read from the file."
+    if is_measured(settings.method):
+        return (f"The link asks for {settings.method} at the same target; it is measured again, not read from the "
+                "file.")
     spectra = state.get_spectra(ctx.loaded, budget.xmin_rule) if budget.xmin_rule else ctx.spectra
     rebuilt = state.budget_for(ctx, target, settings, spectra=spectra)
     gap = max(abs(d) for d in sparsity_difference(budget, rebuilt).values())
@@ -176,8 +171,8 @@ def allocation_fragment(ctx: AppContext, active: bool) -> None:
         layout.show_chart(charts.lines_by_layer(frame, "sparsity", "Sparsity per layer", "sparsity",
                                               "one line per projection type"),
                         key="sparsity_by_layer")
-        if budget.method == "greedy":
-            st.info("greedy does not use alpha: it allocates from measured output error, so there is no "
+        if is_measured(budget.method):
+            st.info(f"{budget.method} does not use alpha: it allocates from measured output error, so there is no "
                     "alpha -> sparsity map to draw.")
         else:
             _, settings = settings_of(budget)

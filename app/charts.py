@@ -23,6 +23,7 @@ import pandas as pd
 from acttail_core.activations import MagnitudeHistogram
 from acttail_core.allocation import AllocationCurves
 from acttail_core.budget import Budget, mean_sparsity_by, sparsity_difference
+from acttail_core.methods import METHODS
 from acttail_core.projections import PROJECTION_TYPES, Projection
 from acttail_core.spectra import ProjectionSpectrum, Spectra, esd_density, tail_density
 
@@ -34,13 +35,7 @@ SPARSITY_SCHEME = "yelloworangered"
 # Budget minus uniform: blue = keeps more than uniform, red = sparser; white = the same.
 DIFFERENCE_SCHEME = "redblue"
 # One colour per compared method, the same on every chart.
-METHOD_COLORS = {
-    "dense": "#7f7f7f",
-    "uniform": "#1f77b4",
-    "acttail": "#d62728",
-    "linear": "#ff7f0e",
-    "greedy": "#2ca02c",
-}
+METHOD_COLORS = {"dense": "#7f7f7f", **{name: method.colour for name, method in METHODS.items()}}
 # One colour per projection type (line plots: one line per type).
 TYPE_COLORS = dict(zip(PROJECTION_TYPES, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                                           "#e377c2")))

@@ -30,7 +30,8 @@ from acttail_core.allocation import AllocationSettings, allocate, check_target, 
 from acttail_core.budget import Budget, describe
 from acttail_core.calibration import Calibration
 from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoadError, SpectraError
-from acttail_core.greedy import greedy_block_budget, greedy_budget
+from acttail_core.greedy import BUILDERS
+from acttail_core.methods import is_measured
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
 from acttail_core.projections import Projection
@@ -466,10 +467,9 @@ def budget_for(ctx: AppContext, target: float, settings: AllocationSettings, pro
     key = (ctx.loaded.fingerprint, spectra.rule, round(target, 9), settings)
 
     def make() -> Budget:
-        if settings.method in ("greedy", "greedy-block"):
+        if is_measured(settings.method):
             check_target(target, settings)
-            make_greedy = greedy_budget if settings.method == "greedy" else greedy_block_budget
-            return make_greedy(ctx.loaded, target, alphas=spectra.alphas(), progress=progress)
+            return BUILDERS[settings.method](ctx.loaded, target, alphas=spectra.alphas(), progress=progress)
         return allocate(spectra, target, settings)
 
     return _budget_store().get_or_create(key, make)

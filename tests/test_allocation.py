@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from acttail_core.allocation import (
-    MAX_TARGET, MAX_TEMPERATURE, AllocationSettings, allocate_sparsities, permuted_alphas, scores, type_mean_alphas,
+    MAX_TARGET,
+    AllocationSettings,
+    allocate_sparsities,
+    permuted_alphas,
+    scores,
+    type_mean_alphas,
 )
 from acttail_core.errors import ActTailError
+from acttail_core.methods import MAX_TEMPERATURE
 from acttail_core.projections import PROJECTION_TYPES, Projection
 
 

@@ -352,13 +352,10 @@ def _fake_greedy(calls):
 
 
 def patch_greedy(monkeypatch, calls: list) -> None:
-    """Replace greedy where the dashboard and the sweep call it (both bind the name when imported)."""
-    import acttail_core.sweep as sweep_module
-    import app.state as app_state
+    """Replace greedy where the dashboard and the sweep find it (the registry of measured methods)."""
+    from acttail_core.greedy import BUILDERS
 
-    fake = _fake_greedy(calls)
-    monkeypatch.setattr(app_state, "greedy_budget", fake)
-    monkeypatch.setattr(sweep_module, "greedy_budget", fake)
+    monkeypatch.setitem(BUILDERS, "greedy", _fake_greedy(calls))
 
 
 def test_greedy_is_a_method_of_the_allocation_tab(default_loaded, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 from ..allocation import allocate, check_target
 from ..budget import save_budget
 from ..errors import ActTailError
+from ..methods import is_measured
 from ..safe_io import check_output
 from ..spectra_io import load_spectra
 from . import common
@@ -25,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     args.out = check_output(args.out, [args.spectra, common.model_input(args)])
     if args.spectra:
         load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load
-    from_spectra = args.method not in ("greedy", "greedy-block") and not args.spectra
+    from_spectra = not is_measured(args.method) and not args.spectra
     streamed = common.streamed_spectra(args) if from_spectra else None
     if streamed is not None:  # a model too large to load: allocation needs only its spectra
         budget = allocate(streamed.spectra, args.sparsity, common.settings_from_args(args))

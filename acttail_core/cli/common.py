@@ -9,10 +9,11 @@ from typing import Callable, Optional
 import pandas as pd
 
 from .. import models, streaming
-from ..allocation import DIRECTIONS, GROUPS, METHODS, AllocationSettings, allocate, check_target
+from ..allocation import DIRECTIONS, GROUPS, AllocationSettings, allocate, check_target
 from ..budget import Budget
 from ..errors import SETTING_WORDS
-from ..greedy import greedy_block_budget, greedy_budget
+from ..greedy import BUILDERS
+from ..methods import KNOBS, METHOD_NAMES, is_measured, methods_help
 from ..progress import TqdmProgress
 from ..projections import projection_coverage
 from ..spectra import DEFAULT_RULE, XMIN_RULES, check_spectra_match
@@ -63,10 +64,10 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
     if with_sparsity:
         parser.add_argument("--sparsity", type=float, default=None,
                             help="global target: parameter-weighted mean sparsity in [0, 0.95]")
-    parser.add_argument("--method", default=defaults.method, choices=METHODS)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="acttail, in [0, 1000]: 0 = uniform, larger = more alpha-driven")
-    parser.add_argument("--eps", type=float, default=defaults.eps, help="linear (AlphaPruning) map: spread in [0, 1)")
+    parser.add_argument("--method", default=defaults.method, choices=METHOD_NAMES, help=methods_help())
+    for knob in KNOBS:
+        parser.add_argument(f"--{knob.name}", type=float, default=getattr(defaults, knob.name),
+                            help=f"{knob.help}; in {knob.range_text()}")
     parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
     parser.add_argument("--group", default=defaults.group, choices=GROUPS)
     parser.add_argument("--rule", default=DEFAULT_RULE, choices=XMIN_RULES, help="xmin rule of the power-law fit")
@@ -75,15 +76,9 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
 
 
 def settings_from_args(args: argparse.Namespace) -> AllocationSettings:
-    return AllocationSettings(
-        method=args.method,
-        temperature=args.temperature,
-        eps=args.eps,
-        direction=args.direction,
-        group=args.group,
-        lower=args.lower,
-        upper=args.upper,
-    ).validate()
+    knobs = {knob.name: getattr(args, knob.name) for knob in KNOBS}
+    return AllocationSettings(method=args.method, direction=args.direction, group=args.group, lower=args.lower,
+                              upper=args.upper, **knobs).validate()
 
 
 def load_from_args(args: argparse.Namespace) -> models.LoadedModel:
@@ -135,10 +130,9 @@ def budget_summary(budget: Budget) -> pd.DataFrame:
 
 def build_budget(args: argparse.Namespace, loaded: models.LoadedModel, sparsity: float) -> Budget:
     """The budget the CLI arguments ask for (acttail/linear/uniform, or a greedy)."""
-    if args.method in ("greedy", "greedy-block"):
+    if is_measured(args.method):
         check_target(sparsity, settings_from_args(args))
-        make = greedy_budget if args.method == "greedy" else greedy_block_budget
-        return make(loaded, sparsity, progress=TqdmProgress(args.method))
+        return BUILDERS[args.method](loaded, sparsity, progress=TqdmProgress(args.method))
     settings = settings_from_args(args)
     if getattr(args, "spectra", None):
         spectra = load_spectra(args.spectra)
