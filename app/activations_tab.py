@@ -25,14 +25,7 @@ def _pickers(ctx: AppContext) -> Optional[Projection]:
         layer = st.selectbox("Layer", layers, key="act_layer", bind="query-params", width=110)
         proj_type = st.selectbox("Projection type", types, key="act_type", bind="query-params", width=150)
         members = [p for p in ctx.projections if p.layer == layer and p.type == proj_type]
-        if len(members) <= 1:
-            return members[0] if members else None
-        labels = [f"expert {p.name.rsplit('.', 2)[-2]}" for p in members]  # "...experts.3.up" -> expert 3
-        if state.widget("act_expert") not in labels:
-            state.set_widget("act_expert", labels[0])
-        picked = st.selectbox("Expert", labels, key="act_expert", bind="query-params", width=150,
-                              help=f"{len(members)} experts share this layer and type.")
-    return members[labels.index(picked)]
+        return layout.pick_expert(members, "act_expert", "Experts that share this layer and type.")
 
 
 @guarded

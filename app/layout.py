@@ -12,12 +12,12 @@ per select box, labels broken mid-word). Instead:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence, TypeVar
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from app import charts
+from app import charts, state
 
 CHART_MIN_WIDTH = 460  # px: below this a heatmap's labels and colour bar crowd each other
 _ROW_PREFIX = "wrap-row-"
@@ -46,3 +46,18 @@ def control_row(key: str) -> DeltaGenerator:
 def show_chart(chart: Any, key: str, **kwargs: Any) -> Any:
     """Draw a chart builder's Altair chart, by its stable Vega-Lite dict (``charts.to_spec`` says why)."""
     return st.vega_lite_chart(charts.to_spec(chart), key=key, **kwargs)
+
+
+P = TypeVar("P")  # anything with a ``name``: a Projection or a ProjectionSpectrum
+
+
+def pick_expert(members: Sequence[P], key: str, help_text: str) -> Optional[P]:
+    """The projection of a heatmap cell; in a cell of experts, the one picked in a select box bound to the URL
+    under ``key`` by its label ("expert 3"), so a link names the same expert."""
+    if len(members) <= 1:
+        return members[0] if members else None
+    labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
+    if state.widget(key) not in labels:
+        state.set_widget(key, labels[0])
+    picked = st.selectbox("Expert", labels, key=key, bind="query-params", width=150, help=help_text)
+    return members[labels.index(picked)]

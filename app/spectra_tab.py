@@ -5,9 +5,10 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from acttail_core.spectra import ProjectionSpectrum
 from app import charts, layout, state
 from app.state import AppContext, guarded
+
+EXPERT_HELP = "Experts of this cell; the heatmap shows their mean alpha."
 
 
 def _selected_cell(event: Any) -> Optional[tuple[int, str]]:
@@ -35,19 +36,6 @@ def _pickers(layers: list[int], types: list[str]) -> tuple[int, str]:
     return layer, proj_type
 
 
-def _pick_expert(members: list[ProjectionSpectrum]) -> Optional[ProjectionSpectrum]:
-    """The cell's projection; in a cell of experts (the heatmap shows their mean), the one picked, bound to the URL
-    (``esd_expert``: its label, "expert 3", so a link names the same expert)."""
-    if len(members) <= 1:
-        return members[0] if members else None
-    labels = [f"expert {m.name.rsplit('.', 2)[-2]}" for m in members]  # "...experts.3.gate" -> expert 3
-    if state.widget("esd_expert") not in labels:
-        state.set_widget("esd_expert", labels[0])
-    picked = st.selectbox("Expert", labels, key="esd_expert", bind="query-params", width=150,
-                          help=f"{len(members)} experts in this cell; the heatmap shows their mean alpha.")
-    return members[labels.index(picked)]
-
-
 @st.fragment
 @guarded
 def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
@@ -71,7 +59,7 @@ def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
     if state.widget("esd_type") not in types:
         state.set_widget("esd_type", types[0])
     if not active:  # keep the pickers (and so the URL's choice) alive; draw nothing costly
-        _pick_expert(by_cell.get(_pickers(layers, types), []))
+        layout.pick_expert(by_cell.get(_pickers(layers, types), []), "esd_expert", EXPERT_HELP)
         return
     highlight = (state.widget("esd_layer"), state.widget("esd_type"))
     with layout.chart_row("spectra"):
@@ -83,7 +71,7 @@ def _heatmap_and_esd(ctx: AppContext, active: bool) -> None:
         )
         with st.container():
             layer, proj_type = _pickers(layers, types)
-            entry = _pick_expert(by_cell.get((layer, proj_type), []))
+            entry = layout.pick_expert(by_cell.get((layer, proj_type), []), "esd_expert", EXPERT_HELP)
             if entry is None:
                 st.info(f"Layer {layer} has no {proj_type} projection.")
             else:
