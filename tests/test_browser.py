@@ -44,7 +44,7 @@ SLIDER_MOVES = 12
 TABS = ("Spectra", "Allocation", "Compare", "Activations", "Evaluate", "Model")
 CHART = '[data-testid="stVegaLiteChart"]'
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.browser, pytest.mark.slow]  # a Chromium session of minutes
 
 # performance.now() (ms since navigation) when the first chart has drawn its first mark.
 FIRST_CHART_PROBE = f"""(() => {{

@@ -11,6 +11,7 @@ from acttail_core.budget import load_budget
 from acttail_core.cli import main
 
 
+@pytest.mark.slow  # loads the real default model
 def test_spectra_and_allocate_on_default_model(tmp_path, capsys) -> None:
     spectra_path = tmp_path / "spectra.json"
     assert main(["spectra", "--model", "default", "--out", str(spectra_path)]) == 0

@@ -31,6 +31,7 @@ def run(argv, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # loads the real default model
 def test_eval_default_model_end_to_end(tmp_path, capsys):
     out_path = tmp_path / "results.json"
     code, out, err = run(

@@ -62,7 +62,7 @@ TRIED: Counter = Counter()  # inputs tried per class, printed at the end of the 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 IS_ROOT = os.geteuid() == 0
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # hundreds of generated inputs, CLI runs, killed writers
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from acttail_core import study as study_mod
 from acttail_core.study import Setting, StudyConfig, run_study
 
 
+@pytest.mark.slow  # runs the study on the real default model
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
     config = StudyConfig(models=("default",), select_text="demo:lcet10", heldout_texts=("demo:alice29",),
                          select_sparsities=(0.5, 0.7), report_sparsities=(0.5, 0.7), select_tokens=128,
