@@ -50,7 +50,8 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path) -> None:
 def test_corrupt_spectra_file(tmp_path, capsys) -> None:
     bad = tmp_path / "spectra.json"
     bad.write_text('{"kind": "acttail-spectra", "schema_version": 1, "entries": [{"name": 1}]}')
-    code = main(["allocate", "--model", "default", "--sparsity", "0.5", "--spectra", str(bad), "--out", str(tmp_path / "b.json")])
+    code = main(["allocate", "--model", "default", "--sparsity", "0.5", "--spectra", str(bad),
+                 "--out", str(tmp_path / "b.json")])
     assert code == 2 and "corrupt spectra file" in capsys.readouterr().err
 
 

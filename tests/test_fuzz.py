@@ -43,7 +43,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
 from acttail_core import corpora, models, safe_io
 from acttail_core.allocation import allocate

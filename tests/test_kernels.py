@@ -17,7 +17,14 @@ pytest.importorskip("triton", reason="the sparse decode kernels need the triton 
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
-    ACT_MUL, MODE_THRESHOLD, MODE_TOPK, PLAIN, RESIDUAL_NORM, CompactLists, select_group, threshold_param,
+    ACT_MUL,
+    MODE_THRESHOLD,
+    MODE_TOPK,
+    PLAIN,
+    RESIDUAL_NORM,
+    CompactLists,
+    select_group,
+    threshold_param,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,7 +275,8 @@ def test_decode_attention_matches_torch(n_heads, n_kv, window, pos):
     k_cache = torch.randn(batch, n_kv, t_max, head_dim, device=DEVICE)
     v_cache = torch.randn(batch, n_kv, t_max, head_dim, device=DEVICE)
     k_hist, v_hist = k_cache.clone(), v_cache.clone()
-    freqs = torch.arange(t_max, device=DEVICE)[:, None] * (1e-2 ** (torch.arange(0, head_dim, 2, device=DEVICE) / head_dim))
+    inv_freq = 1e-2 ** (torch.arange(0, head_dim, 2, device=DEVICE) / head_dim)
+    freqs = torch.arange(t_max, device=DEVICE)[:, None] * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     out = torch.full((batch, n_heads * head_dim), float("nan"), device=DEVICE)
