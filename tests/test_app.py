@@ -166,6 +166,7 @@ def test_bad_model_path_typed_here_shows_why_at_the_top_and_keeps_the_last_model
     assert "budget_heatmap" in chart_keys(at)
 
 
+@pytest.mark.slow  # a whole AppTest run, seconds
 def test_a_server_listening_everywhere_by_accident_serves_nothing(monkeypatch):
     import streamlit
 

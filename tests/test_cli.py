@@ -55,6 +55,7 @@ def test_corrupt_spectra_file(tmp_path, capsys) -> None:
     assert code == 2 and "corrupt spectra file" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh Python process importing the engine
 def test_module_entry_point_exit_code(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "acttail_core", "allocate", "--sparsity", "2"],
                             capture_output=True, text=True, timeout=300)

@@ -51,6 +51,7 @@ def test_eval_default_model_end_to_end(tmp_path, capsys):
     assert abs(runs[1]["realized_sparsity"] - 0.5) < 0.01 and abs(runs[2]["realized_sparsity"] - 0.5) < 0.01
 
 
+@pytest.mark.slow  # three CLI pipelines end to end
 def test_eval_budget_file_threshold_and_bench_on_tiny_model(tiny_env, capsys):
     model = str(tiny_env / "tiny")
     budget = tiny_env / "budget.json"

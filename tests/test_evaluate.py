@@ -134,6 +134,7 @@ def test_results_carry_per_projection_sparsity_outside_the_json_keys(tiny_loaded
     assert "per_projection" not in result.as_dict() and "targets" not in result.as_dict()
 
 
+@pytest.mark.slow  # Triton kernels under the interpreter
 def test_throughput_decodes_on_the_fused_step_where_it_can(tiny_loaded, monkeypatch):
     """With the GPU check answered yes, decode goes through acttail_core.decode (here under Triton's interpreter)."""
     pytest.importorskip("triton")
@@ -180,6 +181,7 @@ def test_estimate_seconds_from_earlier_runs():
     assert evaluate.estimate_seconds([], tokens=200, runs=3) is None
 
 
+@pytest.mark.slow  # timed decode runs, seconds
 def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
     results = throughput(tiny_loaded, [None, budget], prompt_len=8, new_tokens=2, repeats=3)

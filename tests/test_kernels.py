@@ -120,6 +120,7 @@ def guarded(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, t
     return buffer[:numel].view(shape), buffer[numel:]
 
 
+@pytest.mark.slow  # 18 interpreted kernel grids
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -195,6 +196,7 @@ def test_act_mul_prologue_and_zeroing(dtype, activation):
     assert torch.count_nonzero(zero) == 0
 
 
+@pytest.mark.slow  # 12 interpreted kernel grids
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("widths", [[130], [96, 33, 33], [200, 70]])

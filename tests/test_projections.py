@@ -303,6 +303,7 @@ def unvisited_expert_mixtral():
     return from_module(model, byte_tokenizer(), name="tiny-mixtral-unvisited")
 
 
+@pytest.mark.slow  # calibration and greedy curves end to end, seconds
 def test_an_expert_no_token_visits(tmp_path, monkeypatch) -> None:
     from acttail_core import greedy
     from acttail_core.corpora import load_text

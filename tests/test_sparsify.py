@@ -261,6 +261,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess under Triton's interpreter
 def test_triton_topk_launches_on_the_inputs_device() -> None:
     """Regression (device_map over 2 GPUs): the kernel must launch inside torch.cuda.device(x.device), or it
     runs on the current GPU, unordered with the stream of the GPU holding x, and the layer reads a half-written
