@@ -64,7 +64,8 @@ def main() -> None:
     table = [{k: row.get(k) for k in keys} for row in rows]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"dashboard throughput check: random Llama {args.preset} on {name}, sparsity {args.sparsity}")
-    print(f"{'label':<28} | {'decode tok/s':>12} | {'min':>8} | {'max':>8} | {'vs dense':>8} | {'path':<13} | prefill tok/s")
+    print(f"{'label':<28} | {'decode tok/s':>12} | {'min':>8} | {'max':>8} | {'vs dense':>8} | {'path':<13} | "
+          "prefill tok/s")
     for row in table:
         runs = row["decode_runs"] or [float("nan")]
         print(f"{row['label']:<28} | {row['decode_tokens_per_s']:12.1f} | {min(runs):8.1f} | {max(runs):8.1f} | "

@@ -124,7 +124,8 @@ def select_micro(device: torch.device) -> list[dict]:
         lists = sel.CompactLists(groups, 1, n_cols, x.dtype, device)
         params = torch.full((groups,), n_cols // 2, dtype=torch.int32, device=device)
         block = 1 << (n_cols - 1).bit_length()
-        for label, mode, compact in [("prologue only", 0, False), ("+ cuts", 1, False), ("+ cuts + compaction", 1, True)]:
+        stages = [("prologue only", 0, False), ("+ cuts", 1, False), ("+ cuts + compaction", 1, True)]
+        for label, mode, compact in stages:
             for warps in (4, 8, 16):
                 def launch():
                     sel._select_kernel[(1,)](
@@ -309,10 +310,12 @@ def main() -> None:
     print(f"\n{loaded.name}, {gpu}, {args.dtype}, copy {result['copy_gbps']:.0f} GB/s, bound "
           f"{result['bandwidth_bound_tokens_per_s']:.0f} tok/s (dense at "
           f"{result.get('dense_fraction_of_bound', float('nan')):.0%} of it)")
-    print(f"{'method':<8} | {'sparsity':>8} | {'batch':>5} | {'path':<13} | {'tok/s':>8} | {'vs dense':>8} | {'GB/s':>6}")
+    print(f"{'method':<8} | {'sparsity':>8} | {'batch':>5} | {'path':<13} | {'tok/s':>8} | {'vs dense':>8} | "
+          f"{'GB/s':>6}")
     for row in result["configurations"]:
         print(f"{row['method']:<8} | {row['sparsity']:8.3f} | {row['batch']:5d} | {row['path']:<13} | "
-              f"{row['tokens_per_s']:8.1f} | {row['speedup_vs_dense']:7.2f}x | {row['achieved_gbps']:6.0f} {row['note']}")
+              f"{row['tokens_per_s']:8.1f} | {row['speedup_vs_dense']:7.2f}x | {row['achieved_gbps']:6.0f} "
+              f"{row['note']}")
     if result["errors"]:
         print(f"{len(result['errors'])} errors: {[e['what'] for e in result['errors']]}")
     if args.json:

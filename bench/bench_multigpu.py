@@ -29,20 +29,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-
 import numpy as np
 import torch
+from bench_spectra import Report, environment, llama_config, synthetic_model, timed
 
 from acttail_core.allocation import allocate, uniform_budget
 from acttail_core.eigensolver import (
-    SolverPlan, Unit, batch_size_for, default_plan, gram_dim, solve, visible_devices,
+    SolverPlan,
+    Unit,
+    batch_size_for,
+    default_plan,
+    gram_dim,
+    solve,
+    visible_devices,
 )
 from acttail_core.evaluate import perplexity
 from acttail_core.models import LoadedModel, from_module
 from acttail_core.projections import find_projections, weight_of
 from acttail_core.spectra import spectra_from_eigenvalues
 from acttail_core.streaming import HostPeak
-from bench_spectra import Report, environment, llama_config, synthetic_model, timed
 
 SMOKE = {"7b": "tiny", "13b": "tiny", "70b": "tiny"}
 FULL = {"7b": "llama2-7b", "13b": "llama2-13b", "70b": "llama3-70b"}

@@ -26,13 +26,14 @@ import argparse
 import statistics
 import time
 
-
 import numpy as np
 import torch
 
 PRESETS = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=32000),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,11 +120,13 @@ def acttail_like(loaded, sparsity: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default=None, help="a model reference for acttail_core.models.load_model (e.g. default)")
+    source.add_argument("--model", default=None,
+                        help="a model reference for acttail_core.models.load_model (e.g. default)")
     source.add_argument("--synthetic", choices=sorted(PRESETS), default=None, help="random model with these shapes")
     parser.add_argument("--layers", type=int, default=4, help="synthetic: decoder layers (7B has 32)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--seqlen", type=int, default=2048, help="prefill tokens for the forward timing")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)
@@ -172,15 +175,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{loaded.name} on {name}, {str(dtype).replace('torch.', '')}, sparsity {args.sparsity}, "
           f"{len(projections)} projections; prefill {args.seqlen} tokens at batch 1, median of {args.repeats}")
-    print(f"{'variant':<30} | {'forward ms':>10} | {'vs dense':>8} | {'min vs min':>11} | {'decode tok/s':>12} | {'vs dense':>8}")
+    print(f"{'variant':<30} | {'forward ms':>10} | {'vs dense':>8} | {'min vs min':>11} | {'decode tok/s':>12} | "
+          f"{'vs dense':>8}")
     prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator).to(device)
-    forward, fastest, decode = interleaved(loaded, ids, prompt, rows, table, args.repeats, 0 if args.no_decode else args.new_tokens)
+    new_tokens = 0 if args.no_decode else args.new_tokens
+    forward, fastest, decode = interleaved(loaded, ids, prompt, rows, table, args.repeats, new_tokens)
     dense_ms = dense_min = dense_tps = None
     for (label, budget, mode, impl, measure), ms, low, tps in zip(rows, forward, fastest, decode):
         if budget is None:
             dense_ms, dense_min, dense_tps = ms, low, tps
-        print(f"{label:<30} | {ms:10.2f} | {ms / dense_ms:7.2f}x | {low / dense_min:10.2f}x | {tps:12.1f} | {tps / dense_tps:7.2f}x",
-              flush=True)
+        print(f"{label:<30} | {ms:10.2f} | {ms / dense_ms:7.2f}x | {low / dense_min:10.2f}x | {tps:12.1f} | "
+              f"{tps / dense_tps:7.2f}x", flush=True)
     print(f"note: {THROUGHPUT_NOTE}")
     print("target: topk [auto] forward at most 1.5x dense on the H200 (Llama-2-7B shapes, 2048-token prefill)")
 

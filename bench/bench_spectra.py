@@ -41,7 +41,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-
 import numpy as np
 import torch
 

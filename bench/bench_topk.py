@@ -11,8 +11,6 @@ Medians of CUDA-event timings after warm-up (triton.testing.do_bench).
 """
 from __future__ import annotations
 
-
-
 import torch
 
 
@@ -76,7 +74,8 @@ def main() -> None:
             base = do_bench(lambda: fixed_threshold(x, 0.67), warmup=25, rep=100, return_mode="median")
             for name, fn in variants.items():
                 ms = do_bench(lambda: fn(x, k), warmup=25, rep=100, return_mode="median")
-                print(f"{str((rows, cols)):>14} | {name:<26} | {ms:8.4f} | {ms / base:11.2f}x | {check(fn(x, k), x, k)}")
+                print(f"{str((rows, cols)):>14} | {name:<26} | {ms:8.4f} | {ms / base:11.2f}x | "
+                      f"{check(fn(x, k), x, k)}")
             print(f"{str((rows, cols)):>14} | {'fixed threshold (TEAL)':<26} | {base:8.4f} | {1.0:11.2f}x |")
 
     from transformers import LlamaConfig

@@ -114,6 +114,14 @@ def default_loaded() -> LoadedModel:
     return load_model("default")
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that uses the ``default_loaded`` fixture (directly or through another fixture) as
+    ``slow``: loading the real default model takes seconds, so ``-m "not slow"`` leaves these out."""
+    for item in items:
+        if "default_loaded" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 # The fuzz suite's count of inputs tried per class (tests/test_fuzz.py puts its Counter here).
 FUZZ_COUNTS = pytest.StashKey[dict]()
 

@@ -22,7 +22,8 @@ from acttail_core.projections import PROJECTION_TYPES, Projection
 def make_projections(layers: int, hidden: int = 64, inter: int = 160) -> list[Projection]:
     shapes = {"q": (hidden, hidden), "k": (hidden // 2, hidden), "v": (hidden // 2, hidden), "o": (hidden, hidden),
               "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    return [Projection(f"model.layers.{l}.{t}", l, t, shapes[t][1], shapes[t][0]) for l in range(layers) for t in PROJECTION_TYPES]
+    return [Projection(f"model.layers.{layer}.{t}", layer, t, shapes[t][1], shapes[t][0])
+            for layer in range(layers) for t in PROJECTION_TYPES]
 
 
 def weighted_mean(projections, sparsities) -> float:
@@ -93,7 +94,8 @@ def test_large_temperature_meets_the_target(temperature) -> None:
 def test_monotone_in_alpha(target, temperature, eps, method, direction, seed) -> None:
     projections = make_projections(4)
     alphas = 2.0 + 8.0 * np.random.default_rng(seed).random(len(projections))
-    config = AllocationSettings(method=method, temperature=temperature, eps=eps, direction=direction, group="projection")
+    config = AllocationSettings(method=method, temperature=temperature, eps=eps, direction=direction,
+                                group="projection")
     s = allocate_sparsities(alphas, projections, target, config)
     order = np.argsort(alphas)
     ordered = s[order]
@@ -106,7 +108,8 @@ def test_monotone_in_alpha(target, temperature, eps, method, direction, seed) ->
 def test_monotone_within_type_for_type_grouping() -> None:
     projections = make_projections(6)
     alphas = 2.0 + 8.0 * np.random.default_rng(1).random(len(projections))
-    s = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(group="type", direction="keep-heavy", temperature=1.5))
+    s = allocate_sparsities(alphas, projections, 0.6,
+                            AllocationSettings(group="type", direction="keep-heavy", temperature=1.5))
     types = np.array([p.type for p in projections])
     for t in PROJECTION_TYPES:
         mask = types == t
@@ -137,7 +140,8 @@ def test_uniform_at_the_knobs_end(target) -> None:
 def test_temperature_is_a_smooth_knob() -> None:
     projections = make_projections(4)
     alphas = 2.0 + 8.0 * np.random.default_rng(4).random(len(projections))
-    spreads = [np.std(allocate_sparsities(alphas, projections, 0.5, AllocationSettings(temperature=t))) for t in (0, 0.25, 0.5, 1, 2)]
+    spreads = [np.std(allocate_sparsities(alphas, projections, 0.5, AllocationSettings(temperature=t)))
+               for t in (0, 0.25, 0.5, 1, 2)]
     assert spreads[0] == 0 and all(b > a for a, b in zip(spreads, spreads[1:]))
 
 

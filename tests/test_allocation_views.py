@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from acttail_core.allocation import AllocationSettings, allocate_sparsities, allocation_curves, settings_of
 from acttail_core.budget import make_budget

@@ -166,6 +166,7 @@ def test_bad_model_path_typed_here_shows_why_at_the_top_and_keeps_the_last_model
     assert "budget_heatmap" in chart_keys(at)
 
 
+@pytest.mark.slow  # a whole AppTest run, seconds
 def test_a_server_listening_everywhere_by_accident_serves_nothing(monkeypatch):
     import streamlit
 
@@ -213,6 +214,7 @@ def test_esd_choice_comes_from_the_url(default_loaded):
     assert "model.layers.12.mlp.down_proj" in title(figure(at, "esd_plot"))
 
 
+@pytest.mark.slow  # the dashboard on the real default model
 def test_xmin_rule_is_selectable():
     at = run_app(rule="ks", tab="Allocation")
     assert_clean(at)
@@ -257,6 +259,7 @@ def test_sliders_change_the_budget_and_its_views(default_loaded):
     print(f"allocation fragment (allocate + charts), server side: {at.session_state['allocation_render_ms']:.0f} ms")
 
 
+@pytest.mark.slow  # the dashboard on the real default model
 def test_query_params_reproduce_the_view():
     at = run_app(sparsity="0.65", temperature="2.5", method="acttail", direction="keep-heavy", group="layer",
                  tab="Allocation", esd_layer="3")

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # each test runs a benchmark script end to end in a subprocess
 
 
 def test_bench_spectra_smoke(tmp_path) -> None:

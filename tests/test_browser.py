@@ -2,12 +2,12 @@
 
 At 1400 and 800 px wide: the first chart on a warm server and the heatmap redrawn after each slider move, both
 timed inside the page and reported, not asserted (a shared CI machine's load would make a timed assertion flaky;
-`python bench/dashboard_latency.py` records the numbers in bench/results/); the layout at 800 px (nothing wider than the page, charts stacked, controls
-readable, metrics whole). Then a researcher's session: a bad model path (the error at the top, the last model
-kept), a heatmap click (ESD, URL), the allocation views, the budget download, pins and the Compare tab, an
-uploaded budget reflected everywhere, the activations, a perplexity run (the bar advances), a sweep, the
-throughput check with its spread. Screenshots of every tab at both widths go to a temporary folder, and to
-assets/ when ACTTAIL_UPDATE_ASSETS=1 (`python scripts/screenshots.py` does that).
+`python bench/dashboard_latency.py` records the numbers in bench/results/); the layout at 800 px (nothing wider
+than the page, charts stacked, controls readable, metrics whole). Then a researcher's session: a bad model path
+(the error at the top, the last model kept), a heatmap click (ESD, URL), the allocation views, the budget
+download, pins and the Compare tab, an uploaded budget reflected everywhere, the activations, a perplexity run
+(the bar advances), a sweep, the throughput check with its spread. Screenshots of every tab at both widths go to
+a temporary folder, and to assets/ when ACTTAIL_UPDATE_ASSETS=1 (`python scripts/screenshots.py` does that).
 
 Chromium is not optional here: without /usr/bin/chromium the test fails with
 the command that installs it (CI installs it with apt).
@@ -44,7 +44,7 @@ SLIDER_MOVES = 12
 TABS = ("Spectra", "Allocation", "Compare", "Activations", "Evaluate", "Model")
 CHART = '[data-testid="stVegaLiteChart"]'
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.browser, pytest.mark.slow]  # a Chromium session of minutes
 
 # performance.now() (ms since navigation) when the first chart has drawn its first mark.
 FIRST_CHART_PROBE = f"""(() => {{

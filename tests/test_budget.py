@@ -24,8 +24,9 @@ def tiny_budget(tiny_loaded):
 
 def test_header_and_body_fields(tiny_budget) -> None:
     data = json.loads(tiny_budget.to_json())
-    for field in ("schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature", "eps",
-                  "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at"):
+    for field in ("schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature",
+                  "eps", "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version",
+                  "created_at"):
         assert field in data
     assert data["weighting"] == "params"
     entry = data["projections"][0]

@@ -8,12 +8,21 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acttail_core import calibration
 from acttail_core.budget import load_budget
 from acttail_core.calibration import (
-    DIRECTIONS, GROUPS, MIN_GAIN, TEMPERATURES, UNIFORM, Choice, calibrate, coordinate_search, max_runs,
+    DIRECTIONS,
+    GROUPS,
+    MIN_GAIN,
+    TEMPERATURES,
+    UNIFORM,
+    Choice,
+    calibrate,
+    coordinate_search,
+    max_runs,
 )
 from acttail_core.errors import ActTailError
 from acttail_core.projections import find_projections

@@ -11,6 +11,7 @@ from acttail_core.budget import load_budget
 from acttail_core.cli import main
 
 
+@pytest.mark.slow  # loads the real default model
 def test_spectra_and_allocate_on_default_model(tmp_path, capsys) -> None:
     spectra_path = tmp_path / "spectra.json"
     assert main(["spectra", "--model", "default", "--out", str(spectra_path)]) == 0
@@ -49,10 +50,12 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path) -> None:
 def test_corrupt_spectra_file(tmp_path, capsys) -> None:
     bad = tmp_path / "spectra.json"
     bad.write_text('{"kind": "acttail-spectra", "schema_version": 1, "entries": [{"name": 1}]}')
-    code = main(["allocate", "--model", "default", "--sparsity", "0.5", "--spectra", str(bad), "--out", str(tmp_path / "b.json")])
+    code = main(["allocate", "--model", "default", "--sparsity", "0.5", "--spectra", str(bad),
+                 "--out", str(tmp_path / "b.json")])
     assert code == 2 and "corrupt spectra file" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh Python process importing the engine
 def test_module_entry_point_exit_code(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "acttail_core", "allocate", "--sparsity", "2"],
                             capture_output=True, text=True, timeout=300)

@@ -31,11 +31,12 @@ def run(argv, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # loads the real default model
 def test_eval_default_model_end_to_end(tmp_path, capsys):
     out_path = tmp_path / "results.json"
     code, out, err = run(
-        ["eval", "--model", "default", "--sparsity", "0.5", "--corpus", "demo", "--max-tokens", "256", "--seqlen", "128",
-         "--out", str(out_path)], capsys,
+        ["eval", "--model", "default", "--sparsity", "0.5", "--corpus", "demo", "--max-tokens", "256",
+         "--seqlen", "128", "--out", str(out_path)], capsys,
     )
     assert code == 0, err
     assert "dense" in out and "uniform" in out and "acttail" in out and "realized_sparsity" in out
@@ -50,6 +51,7 @@ def test_eval_default_model_end_to_end(tmp_path, capsys):
     assert abs(runs[1]["realized_sparsity"] - 0.5) < 0.01 and abs(runs[2]["realized_sparsity"] - 0.5) < 0.01
 
 
+@pytest.mark.slow  # three CLI pipelines end to end
 def test_eval_budget_file_threshold_and_bench_on_tiny_model(tiny_env, capsys):
     model = str(tiny_env / "tiny")
     budget = tiny_env / "budget.json"
@@ -58,16 +60,16 @@ def test_eval_budget_file_threshold_and_bench_on_tiny_model(tiny_env, capsys):
     results = tiny_env / "r.json"
     code, out, err = run(
         ["eval", "--model", model, "--budget", str(budget), "--uniform", "--corpus", str(tiny_env / "eval.txt"),
-         "--seqlen", "64", "--max-tokens", "256", "--mode", "threshold", "--calib-corpus", str(tiny_env / "calib.txt"), "--calib-tokens", "512",
-         "--out", str(results)], capsys,
+         "--seqlen", "64", "--max-tokens", "256", "--mode", "threshold", "--calib-corpus", str(tiny_env / "calib.txt"),
+         "--calib-tokens", "512", "--out", str(results)], capsys,
     )
     assert code == 0, err
     runs = json.loads(results.read_text())["runs"]
     assert [r["method"] for r in runs] == ["dense", "uniform", "acttail"]
     assert all(abs(r["realized_sparsity"] - r["sparsity"]) < 0.05 for r in runs)
     code, out, err = run(
-        ["bench", "--model", model, "--sparsity", "0.5", "--method", "uniform", "--prompt-len", "16", "--new-tokens", "2",
-         "--repeats", "1"], capsys,
+        ["bench", "--model", model, "--sparsity", "0.5", "--method", "uniform", "--prompt-len", "16",
+         "--new-tokens", "2", "--repeats", "1"], capsys,
     )
     assert code == 0, err
     assert "prefill_tokens_per_s" in out and "decode_tokens_per_s" in out and "dense" in out
@@ -81,7 +83,8 @@ def other_budget(tmp_path):
     from acttail_core.projections import find_projections
 
     other = from_module(make_tiny_llama(layers=3), name="other")
-    return save_budget(uniform_budget(find_projections(other.model), 0.5, "other", other.fingerprint), tmp_path / "other.json")
+    budget = uniform_budget(find_projections(other.model), 0.5, "other", other.fingerprint)
+    return save_budget(budget, tmp_path / "other.json")
 
 
 ERRORS = [
@@ -118,7 +121,8 @@ def test_eval_errors_are_one_line_and_write_nothing(tiny_env, capsys, extra, mes
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_cuda_without_gpu(capsys, command, tmp_path):
-    code, out, err = run([command, "--model", "default", "--sparsity", "0.5", "--device", "cuda", "--out", str(tmp_path / "x.json")], capsys)
+    code, out, err = run([command, "--model", "default", "--sparsity", "0.5", "--device", "cuda",
+                          "--out", str(tmp_path / "x.json")], capsys)
     assert code == 2 and "no CUDA GPU" in err.strip().splitlines()[-1]
     assert not (tmp_path / "x.json").exists()
 

@@ -52,7 +52,8 @@ def test_demo_download_failures_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora, "cache_root", lambda: tmp_path)
 
     def failing(*args, **kwargs):
-        return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version\nERROR: No matching distribution found for brotli==1.2.1\n")
+        return subprocess.CompletedProcess(
+            args, 1, "", "ERROR: Could not find a version\nERROR: No matching distribution found for brotli==1.2.1\n")
 
     monkeypatch.setattr(corpora.subprocess, "run", failing)
     with pytest.raises(CorpusError, match="No matching distribution") as info:

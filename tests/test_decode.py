@@ -26,6 +26,8 @@ from acttail_core.projections import find_projections  # noqa: E402
 from acttail_core.sparsify import sparsify  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.slow  # every test runs Triton kernels, under the interpreter without CUDA
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
@@ -107,6 +109,7 @@ def test_fused_decode_matches_the_masked_reference(family, dtype, batch, variant
         assert error < (1e-2 if variant == "dense" else 0.25)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the Triton interpreter's bfloat16 dot is not faithful; CUDA only")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_logits_stay_close(family):
@@ -214,6 +217,7 @@ def test_default_model_greedy_tokens_equal_the_masked_reference(default_loaded):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="bfloat16 kernels run only on CUDA (see above)")
 def test_default_model_bfloat16_logits_within_1e_2():
     """SmolLM2-135M in bf16 under an acttail budget at 0.5: every step's logits within 1e-2 of the masked path."""

@@ -134,6 +134,7 @@ TRITON_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # Triton kernels in a subprocess, under the interpreter
 def test_triton_kernels_in_the_interpreter() -> None:
     """The Triton panel QR and bisection kernels, run on the CPU by Triton's interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}

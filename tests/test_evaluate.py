@@ -8,8 +8,8 @@ import torch
 
 from acttail_core import evaluate
 from acttail_core.allocation import uniform_budget
-from acttail_core.errors import ActTailError, CorpusError
 from acttail_core.corpora import tokenize_corpus
+from acttail_core.errors import ActTailError, CorpusError
 from acttail_core.evaluate import EvalSettings, compare, perplexity, throughput
 from acttail_core.projections import find_projections
 
@@ -18,7 +18,8 @@ TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i 
 
 def hf_ppl(model, chunks) -> float:
     with torch.no_grad():
-        losses = [model(input_ids=chunks[i : i + 1], labels=chunks[i : i + 1]).loss.double() for i in range(chunks.shape[0])]
+        losses = [model(input_ids=chunks[i : i + 1], labels=chunks[i : i + 1]).loss.double()
+                  for i in range(chunks.shape[0])]
     return math.exp(torch.stack(losses).mean().item())
 
 
@@ -73,7 +74,8 @@ def test_oom_halves_the_batch_then_fails_clearly(tiny_loaded, monkeypatch):
         total = evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 4, retry_oom=True)
         assert sizes[:3] == [4, 2, 1]
         monkeypatch.setattr(evaluate, "_chunk_nll", real)
-        assert total == pytest.approx(evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 1, retry_oom=False))
+        unbatched = evaluate._nll_batches(tiny_loaded.model, chunks, torch.device("cpu"), 1, retry_oom=False)
+        assert total == pytest.approx(unbatched)
 
         def always(model, batch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -132,6 +134,7 @@ def test_results_carry_per_projection_sparsity_outside_the_json_keys(tiny_loaded
     assert "per_projection" not in result.as_dict() and "targets" not in result.as_dict()
 
 
+@pytest.mark.slow  # Triton kernels under the interpreter
 def test_throughput_decodes_on_the_fused_step_where_it_can(tiny_loaded, monkeypatch):
     """With the GPU check answered yes, decode goes through acttail_core.decode (here under Triton's interpreter)."""
     pytest.importorskip("triton")
@@ -178,6 +181,7 @@ def test_estimate_seconds_from_earlier_runs():
     assert evaluate.estimate_seconds([], tokens=200, runs=3) is None
 
 
+@pytest.mark.slow  # timed decode runs, seconds
 def test_throughput_says_when_the_repeats_cannot_tell_methods_apart(tiny_loaded):
     budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
     results = throughput(tiny_loaded, [None, budget], EvalSettings(prompt_len=8, new_tokens=2, repeats=3))

@@ -43,7 +43,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
 from acttail_core import corpora, models, safe_io
 from acttail_core.allocation import allocate
@@ -62,7 +63,7 @@ TRIED: Counter = Counter()  # inputs tried per class, printed at the end of the 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 IS_ROOT = os.geteuid() == 0
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # hundreds of generated inputs, CLI runs, killed writers
 
 
 @pytest.fixture(scope="module", autouse=True)

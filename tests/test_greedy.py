@@ -6,13 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acttail_core import greedy
 from acttail_core.budget import make_budget
 from acttail_core.corpora import demo_dir, ensure_demo_corpus
 from acttail_core.errors import ActTailError
-from acttail_core.greedy import ErrorCurves, LEVELS, greedy_budget, greedy_sparsities
+from acttail_core.greedy import LEVELS, ErrorCurves, greedy_budget, greedy_sparsities
 from acttail_core.intercept import intercept
 from acttail_core.models import from_module
 from acttail_core.projections import Projection, decoder_layers, find_projections
@@ -21,7 +22,7 @@ from tests.conftest import byte_tokenizer, make_tiny_family
 
 
 def synthetic_curves(costs: list[float], layers: list[int]) -> ErrorCurves:
-    projections = [Projection(f"model.layers.{l}.p{i}", l, "q", 64, 64) for i, l in enumerate(layers)]
+    projections = [Projection(f"model.layers.{layer}.p{i}", layer, "q", 64, 64) for i, layer in enumerate(layers)]
     errors = np.array([[c * level**2 for level in LEVELS] for c in costs])
     return ErrorCurves(projections, LEVELS.copy(), errors, "synthetic", 0)
 
@@ -53,7 +54,7 @@ def test_exact_target_for_any_curves(sizes, target, scope, seed) -> None:
     s = greedy_sparsities(ErrorCurves(projections, LEVELS.copy(), errors, "synthetic", 0), target, scope)
     params = np.array([p.params for p in projections], dtype=float)
     groups = [np.arange(len(sizes))] if scope == "global" else [
-        np.flatnonzero([p.layer == l for p in projections]) for l in {p.layer for p in projections}]
+        np.flatnonzero([p.layer == layer for p in projections]) for layer in {p.layer for p in projections}]
     for index in groups:
         assert abs(np.dot(params[index], s[index]) / params[index].sum() - target) < 1e-9
     assert np.all(s >= 0) and np.all(s <= LEVELS[-1] + 1e-12)

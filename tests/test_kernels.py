@@ -17,7 +17,14 @@ pytest.importorskip("triton", reason="the sparse decode kernels need the triton 
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
-    ACT_MUL, MODE_THRESHOLD, MODE_TOPK, PLAIN, RESIDUAL_NORM, CompactLists, select_group, threshold_param,
+    ACT_MUL,
+    MODE_THRESHOLD,
+    MODE_TOPK,
+    PLAIN,
+    RESIDUAL_NORM,
+    CompactLists,
+    select_group,
+    threshold_param,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +120,7 @@ def guarded(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, t
     return buffer[:numel].view(shape), buffer[numel:]
 
 
+@pytest.mark.slow  # 18 interpreted kernel grids
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -188,6 +196,7 @@ def test_act_mul_prologue_and_zeroing(dtype, activation):
     assert torch.count_nonzero(zero) == 0
 
 
+@pytest.mark.slow  # 12 interpreted kernel grids
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("widths", [[130], [96, 33, 33], [200, 70]])
@@ -268,7 +277,8 @@ def test_decode_attention_matches_torch(n_heads, n_kv, window, pos):
     k_cache = torch.randn(batch, n_kv, t_max, head_dim, device=DEVICE)
     v_cache = torch.randn(batch, n_kv, t_max, head_dim, device=DEVICE)
     k_hist, v_hist = k_cache.clone(), v_cache.clone()
-    freqs = torch.arange(t_max, device=DEVICE)[:, None] * (1e-2 ** (torch.arange(0, head_dim, 2, device=DEVICE) / head_dim))
+    inv_freq = 1e-2 ** (torch.arange(0, head_dim, 2, device=DEVICE) / head_dim)
+    freqs = torch.arange(t_max, device=DEVICE)[:, None] * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     out = torch.full((batch, n_heads * head_dim), float("nan"), device=DEVICE)

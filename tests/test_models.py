@@ -22,6 +22,7 @@ def test_default_model_projections(default_loaded) -> None:
     assert summary["architecture"] == "LlamaForCausalLM" and summary["layers"] == 30
 
 
+@pytest.mark.slow  # converts the real default model's GGUF (about 30 s)
 def test_gguf_converted_once_then_fast(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
     gguf = default_model_gguf()

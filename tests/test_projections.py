@@ -11,15 +11,14 @@ import torch.nn.functional as F
 from acttail_core import decode
 from acttail_core.allocation import AllocationSettings, allocate, allocate_sparsities, uniform_budget
 from acttail_core.budget import load_budget, make_budget, save_budget
-from acttail_core.errors import ActTailError
 from acttail_core.corpora import tokenize_corpus
+from acttail_core.errors import ActTailError
 from acttail_core.evaluate import perplexity
 from acttail_core.models import from_module
 from acttail_core.projection_map import FAMILY_MAPS, split_falcon_qkv, split_qkv_per_head
 from acttail_core.projections import find_projections, projection_coverage, weight_of
 from acttail_core.sparsify import sparsify
 from acttail_core.spectra import compute_spectra
-
 from tests.conftest import TINY_FAMILIES, byte_tokenizer, make_tiny_family
 
 TEXT = " ".join(f"the {w} went to the market and bought {n} apples" for n, w in enumerate(["cat", "dog", "owl"] * 40))
@@ -304,6 +303,7 @@ def unvisited_expert_mixtral():
     return from_module(model, byte_tokenizer(), name="tiny-mixtral-unvisited")
 
 
+@pytest.mark.slow  # calibration and greedy curves end to end, seconds
 def test_an_expert_no_token_visits(tmp_path, monkeypatch) -> None:
     from acttail_core import greedy
     from acttail_core.corpora import load_text
@@ -382,8 +382,8 @@ def test_sparse_decode_declines_fused_moe_and_conv1d_models(family) -> None:
     assert not ok and why
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "olmo", "olmo2", "olmo3", "cohere", "granite", "stablelm", "olmoe",
-                                    "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "olmo", "olmo2", "olmo3", "cohere", "granite", "stablelm",
+                                    "olmoe", "qwen3_moe"])
 def test_other_mapped_families_match_their_map(family) -> None:
     extra = {"olmoe": dict(num_experts=4, num_experts_per_tok=2),
              "qwen3_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),

@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acttail_core import thresholds as thresholds_mod
 from acttail_core.allocation import allocate_sparsities, uniform_budget
 from acttail_core.budget import make_budget
-from acttail_core.errors import ActTailError, BudgetError
 from acttail_core.corpora import tokenize_corpus
+from acttail_core.errors import ActTailError, BudgetError
 from acttail_core.models import from_module
 from acttail_core.projections import find_projections, get_module
 from acttail_core.sparsify import sparsify
 from acttail_core.thresholds import ThresholdTable, calibrate_on_chunks, calibrate_thresholds
-
 from tests.conftest import byte_tokenizer, make_tiny_llama
 
-TEXT_A = " ".join(f"the {w} went to the market and bought {n} apples" for n, w in enumerate(["cat", "dog", "owl", "fox"] * 60))
-TEXT_B = " ".join(f"a {w} sat by the river counting {n} stones today" for n, w in enumerate(["hen", "cow", "bee", "elk"] * 60))
+TEXT_A = " ".join(f"the {w} went to the market and bought {n} apples"
+                  for n, w in enumerate(["cat", "dog", "owl", "fox"] * 60))
+TEXT_B = " ".join(f"a {w} sat by the river counting {n} stones today"
+                  for n, w in enumerate(["hen", "cow", "bee", "elk"] * 60))
 
 
 def acttail_like(loaded, sparsity: float, seed: int = 0):
@@ -172,7 +174,8 @@ def test_threshold_calibration_hits_target_on_held_out_text(tiny_loaded):
     calib = ids(tiny_loaded, load_text("demo", "calibration"), seqlen=128, tokens=2048)
     table = calibrate_on_chunks(model, calib, fingerprint=tiny_loaded.fingerprint, corpus="demo").bind(model)
     held_out = ids(tiny_loaded, load_text("demo", "eval"), seqlen=128, tokens=2048)
-    for budget in (uniform_budget(find_projections(model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint), acttail_like(tiny_loaded, 0.7)):
+    uniform = uniform_budget(find_projections(model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    for budget in (uniform, acttail_like(tiny_loaded, 0.7)):
         thresholds = table.thresholds_for(budget)
         with torch.no_grad(), sparsify(model, budget, "threshold", thresholds) as stats:
             model(held_out)
@@ -212,7 +215,8 @@ def test_calibration_is_cached_as_safetensors(tiny_loaded, tmp_path, monkeypatch
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 6), d=st.integers(1, 48), frac=st.floats(0, 1), impl=st.sampled_from(["topk", "kthvalue", "sort"]), seed=st.integers(0, 2**16))
+@given(rows=st.integers(1, 6), d=st.integers(1, 48), frac=st.floats(0, 1),
+       impl=st.sampled_from(["topk", "kthvalue", "sort"]), seed=st.integers(0, 2**16))
 def test_masker_keeps_the_k_largest_per_row(rows, d, frac, impl, seed):
     from acttail_core.sparsify import SparsityStats, _Masker, _Rule
 
@@ -257,6 +261,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess under Triton's interpreter
 def test_triton_topk_launches_on_the_inputs_device() -> None:
     """Regression (device_map over 2 GPUs): the kernel must launch inside torch.cuda.device(x.device), or it
     runs on the current GPU, unordered with the stream of the GPU holding x, and the layer reads a half-written
@@ -267,6 +272,7 @@ def test_triton_topk_launches_on_the_inputs_device() -> None:
     from pathlib import Path
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", TOPK_DEVICE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", TOPK_DEVICE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")

@@ -103,6 +103,7 @@ MEMORY_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a 225 MiB model streamed in a fresh process
 def test_streaming_peak_host_memory_is_bounded(tmp_path) -> None:
     """A model of 5 layers of 45 MiB (float32): streaming (in a fresh process, so nothing else counts) holds at
     most one layer plus 48 MiB (one float64 weight, its Gram matrix, LAPACK's workspace, the fits), which is
