@@ -21,6 +21,7 @@ def tiny_config(out: str, **changes) -> StudyConfig:
     return StudyConfig(**fields)
 
 
+@pytest.mark.slow  # every stage of the study, about a minute on two cores
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, tiny_everywhere) -> None:
     """Every stage on the tiny random Llama standing in for "default" (the real models take minutes a run)."""
     config = tiny_config(str(tmp_path / "study"))
