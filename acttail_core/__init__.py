@@ -1,2 +1,2 @@
 """ActTail Explorer core engine."""
-__version__ = "0.1.0"
+__version__ = "0.3.0"
