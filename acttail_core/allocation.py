@@ -270,8 +270,7 @@ def allocate(
         method=settings.method,
         target_sparsity=sparsity,
         alphas=alphas,
-        temperature=settings.temperature if settings.method == "acttail" else None,
-        eps=settings.eps if settings.method == "linear" else None,
+        params={knob.name: getattr(settings, knob.name) for knob in METHODS[settings.method].knobs},
         direction=settings.direction if uses_alpha else None,
         group=settings.group if uses_alpha else None,
         xmin_rule=spectra.rule if uses_alpha else None,
@@ -412,8 +411,8 @@ def settings_of(budget: Budget) -> tuple[float, AllocationSettings]:
     defaults = AllocationSettings()
     settings = AllocationSettings(
         method=budget.method,
-        temperature=defaults.temperature if budget.temperature is None else budget.temperature,
-        eps=defaults.eps if budget.eps is None else budget.eps,
+        **{knob.name: getattr(defaults, knob.name) if budget.knob(knob.name) is None else budget.knob(knob.name)
+           for knob in KNOBS},
         direction=budget.direction or defaults.direction,
         group=budget.group or defaults.group,
     )

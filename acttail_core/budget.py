@@ -7,7 +7,7 @@ Schema (``schema_version`` 2; version 1 files still load)::
       "model_name": "default",            "model_fingerprint": "ed60cef1939e2ebe",
       "method": "acttail",                 # uniform | acttail | linear | greedy | greedy-block
       "target_sparsity": 0.7,
-      "temperature": 1.0, "eps": null,     # the knob of the method used (null when unused)
+      "params": {"temperature": 0.15},     # the method's knobs by name (methods.METHODS), {} for none
       "direction": "keep-light",           # keep-heavy | keep-light | null
       "group": "projection",               # projection | type | layer | null
       "xmin_rule": "ks",                   # ks | peak | mid | null
@@ -25,8 +25,10 @@ Schema (``schema_version`` 2; version 1 files still load)::
       ]
     }
 
-Version 2 added ``calibration`` and the method ``greedy-block``; a version 1 file has neither
-(both are refused there, naming the field) and loads unchanged otherwise.
+Version 2 added ``calibration``, the method ``greedy-block`` and ``params``; a version 1 file has
+none of them (each is refused there, naming the field) and keeps its knobs in the fields
+``temperature`` and ``eps`` instead (refused in version 2); it loads unchanged otherwise, and
+``Budget.knob(name)`` reads a knob from either version.
 
 ``keep`` is the number of input entries kept per token: ``round((1 - sparsity) * in_features)``
 (halves rounded up), at least 1.
@@ -114,8 +116,9 @@ class Budget(BaseModel):
     model_fingerprint: str = Field(min_length=1)
     method: str
     target_sparsity: float = Field(ge=0.0, le=MAX_TARGET)
-    temperature: Optional[float] = Field(default=None, ge=TEMPERATURE.low, le=TEMPERATURE.high)
-    eps: Optional[float] = Field(default=None, ge=EPS.low, lt=EPS.high)
+    params: dict[str, float] = Field(default_factory=dict)  # version 2: the method's knobs by name
+    temperature: Optional[float] = Field(default=None, ge=TEMPERATURE.low, le=TEMPERATURE.high)  # version 1 only
+    eps: Optional[float] = Field(default=None, ge=EPS.low, lt=EPS.high)  # version 1 only
     direction: Optional[Literal["keep-heavy", "keep-light"]] = None
     group: Optional[Literal["projection", "type", "layer"]] = None
     xmin_rule: Optional[Literal["ks", "peak", "mid"]] = None
@@ -140,6 +143,28 @@ class Budget(BaseModel):
             raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHOD_NAMES)}")
         if METHODS[value].schema_version > 1 and info.data.get("schema_version") == 1:
             raise ValueError(f"method {value!r} needs schema_version 2")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        if value and info.data.get("schema_version") == 1:
+            raise ValueError("needs schema_version 2 (version 1 keeps temperature and eps as fields)")
+        method = METHODS.get(info.data.get("method", ""))
+        knobs = {knob.name: knob for knob in method.knobs} if method else {}
+        for name, number in value.items():
+            if name not in knobs:
+                raise ValueError(f"{name!r} is not a knob of method {info.data.get('method')!r} "
+                                 f"(its knobs: {', '.join(knobs) or 'none'})")
+            if not knobs[name].accepts(number):
+                raise ValueError(f"{name} must be in {knobs[name].range_text()}, got {number}")
+        return value
+
+    @field_validator("temperature", "eps")
+    @classmethod
+    def _version_1_knob(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is not None and info.data.get("schema_version", 1) > 1:
+            raise ValueError(f"a version-2 budget keeps {info.field_name} in params")
         return value
 
     @field_validator("calibration")
@@ -178,6 +203,10 @@ class Budget(BaseModel):
         return self
 
     # ---------------------------------------------------------------- helpers
+    def knob(self, name: str) -> Optional[float]:
+        """A knob's value (``params`` in version 2, a field of its own in version 1), None when not recorded."""
+        return self.params.get(name) if self.schema_version > 1 else getattr(self, name, None)
+
     def sparsity_by_name(self) -> dict[str, float]:
         return {e.name: e.sparsity for e in self.projections}
 
@@ -190,7 +219,9 @@ class Budget(BaseModel):
         return pd.DataFrame([e.model_dump() for e in self.projections])
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=1)
+        """The file as its version writes it: knobs in ``params`` (version 2) or as fields (version 1)."""
+        legacy = {"temperature", "eps"} if self.schema_version > 1 else {"params"}
+        return self.model_dump_json(indent=1, exclude=legacy)
 
 
 def weighted_sparsity(entries: Sequence[Any]) -> float:
@@ -208,8 +239,7 @@ def make_budget(
     method: str,
     target_sparsity: float,
     alphas: Optional[Sequence[float]] = None,
-    temperature: Optional[float] = None,
-    eps: Optional[float] = None,
+    params: Optional[dict[str, float]] = None,
     direction: Optional[str] = None,
     group: Optional[str] = None,
     xmin_rule: Optional[str] = None,
@@ -242,8 +272,7 @@ def make_budget(
         model_fingerprint=model_fingerprint,
         method=method,
         target_sparsity=float(target_sparsity),
-        temperature=temperature,
-        eps=eps,
+        params=dict(params or {}),
         direction=direction,
         group=group,
         xmin_rule=xmin_rule,
@@ -404,10 +433,10 @@ def describe(budget: Budget) -> str:
     if budget.method == "uniform":
         return "uniform"
     knobs = []
-    if budget.temperature is not None:
-        knobs.append(f"T={budget.temperature:g}")
-    if budget.eps is not None:
-        knobs.append(f"eps={budget.eps:g}")
+    if budget.knob("temperature") is not None:
+        knobs.append(f"T={budget.knob('temperature'):g}")
+    if budget.knob("eps") is not None:
+        knobs.append(f"eps={budget.knob('eps'):g}")
     knobs += [value for value in (budget.direction, budget.group, budget.xmin_rule) if value]
     return f"{budget.method} ({', '.join(knobs)})" if knobs else budget.method
 

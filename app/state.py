@@ -494,7 +494,8 @@ def with_calibration(ctx: AppContext, budget: Budget) -> Budget:
     if found is None or found.sparsity != budget.target_sparsity or budget.xmin_rule != found.choice.rule:
         return budget
     choice = found.choice
-    if (budget.temperature, budget.direction, budget.group) != (choice.temperature, choice.direction, choice.group):
+    if (budget.knob("temperature"), budget.direction, budget.group) != (choice.temperature, choice.direction,
+                                                                       choice.group):
         return budget
     return budget.model_copy(update={"calibration": found.record()})
 

@@ -18,16 +18,16 @@ def tiny_budget(tiny_loaded):
     alphas = np.linspace(2, 6, len(projections))
     sparsities = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(temperature=1.0))
     return make_budget(projections, sparsities, model_name="tiny", model_fingerprint=tiny_loaded.fingerprint,
-                       method="acttail", target_sparsity=0.6, alphas=alphas, temperature=1.0,
+                       method="acttail", target_sparsity=0.6, alphas=alphas, params={"temperature": 1.0},
                        direction="keep-light", group="projection", xmin_rule="ks")
 
 
 def test_header_and_body_fields(tiny_budget) -> None:
     data = json.loads(tiny_budget.to_json())
-    for field in ("schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature",
-                  "eps", "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version",
-                  "created_at"):
+    for field in ("schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "params",
+                  "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at"):
         assert field in data
+    assert data["params"] == {"temperature": 1.0} and "temperature" not in data and "eps" not in data
     assert data["weighting"] == "params"
     entry = data["projections"][0]
     assert {"name", "layer", "type", "in_features", "params", "alpha", "sparsity", "keep"} <= set(entry)
@@ -119,8 +119,10 @@ def test_budget_for_another_model_is_rejected(tiny_budget) -> None:
         (lambda d: d.update(target_sparsity="0.6"), "target_sparsity: Input should be a valid number"),
         (lambda d: d.update(target_sparsity=0.3), "target_sparsity 0.3 does not match"),
         (lambda d: d.update(target_sparsity=0.97), "target_sparsity: .*less than or equal to 0.95"),
-        (lambda d: d.update(temperature=1e6), "temperature: .*less than or equal to 1000"),
-        (lambda d: d.update(eps=1.5), "eps: .*less than 1"),
+        (lambda d: d.update(params={"temperature": 1e6}), "params: temperature must be in \\[0, 1000\\]"),
+        (lambda d: d.update(params={"eps": 0.5}), "params: 'eps' is not a knob of method 'acttail'"),
+        (lambda d: d.update(params={"temperature": "1"}), "params.temperature: Input should be a valid number"),
+        (lambda d: d.update(temperature=1.0), "temperature: a version-2 budget keeps temperature in params"),
         (lambda d: d.update(created_at="yesterday"), "created_at: not an ISO 8601"),
     ],
 )
@@ -187,9 +189,14 @@ def test_version_1_files_still_load_unchanged(tiny_budget) -> None:
     assert data["schema_version"] == 2 and data["calibration"] is None
     data["schema_version"] = 1
     del data["calibration"]
+    data["temperature"] = data.pop("params")["temperature"]  # version 1 kept each knob in a field of its own
     old = load_budget(data)
     assert old.schema_version == 1 and old.calibration is None
     assert old.sparsity_by_name() == tiny_budget.sparsity_by_name()
+    assert old.knob("temperature") == tiny_budget.knob("temperature") == 1.0 and old.knob("eps") is None
+    assert json.loads(old.to_json())["temperature"] == 1.0 and "params" not in json.loads(old.to_json())
+    with pytest.raises(BudgetError, match="params: needs schema_version 2"):
+        load_budget({**data, "params": {"temperature": 1.0}})
 
 
 def test_calibration_record_round_trip_and_field_errors(tiny_budget, tmp_path) -> None:
@@ -200,7 +207,8 @@ def test_calibration_record_round_trip_and_field_errors(tiny_budget, tmp_path) -
     again = load_budget(path)
     assert again == calibrated and again.calibration.runs == 11
     for change, message in [
-        (lambda d: d.update(schema_version=1), "calibration: .*needs schema_version 2"),
+        (lambda d: d.update(schema_version=1, temperature=d.pop("params")["temperature"]),
+         "calibration: .*needs schema_version 2"),
         (lambda d: d["calibration"].update(runs=0), r"calibration.runs: .*greater than or equal to 1"),
         (lambda d: d["calibration"].update(search="grid"), r"calibration.search"),
         (lambda d: d["calibration"].update(texts=[]), r"calibration.texts"),
@@ -212,8 +220,12 @@ def test_calibration_record_round_trip_and_field_errors(tiny_budget, tmp_path) -
 
 
 def test_greedy_block_method_needs_version_2(tiny_budget) -> None:
-    assert load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block"))).method == "greedy-block"
+    block = load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block", params={})))
+    assert block.method == "greedy-block"
+    with pytest.raises(BudgetError, match="params: 'temperature' is not a knob of method 'greedy-block'"):
+        load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block")))
     with pytest.raises(BudgetError, match="method: method 'greedy-block' needs schema_version 2"):
-        load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block", schema_version=1, calibration=None)))
+        load_budget(mutate(tiny_budget, lambda d: d.update(method="greedy-block", schema_version=1, calibration=None,
+                                                           params={})))
     with pytest.raises(BudgetError, match="schema_version: unsupported schema_version 3"):
         load_budget(mutate(tiny_budget, lambda d: d.update(schema_version=3)))

@@ -396,8 +396,8 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=16,
 )
-TOP_FIELDS = ["schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "temperature", "eps",
-              "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at",
+TOP_FIELDS = ["schema_version", "model_name", "model_fingerprint", "method", "target_sparsity", "params", "temperature",
+              "eps", "direction", "group", "xmin_rule", "weighting", "effective_sparsity", "tool_version", "created_at",
               "calibration", "projections", "extra"]
 ENTRY_FIELDS = ["name", "layer", "type", "in_features", "out_features", "params", "alpha", "sparsity", "keep", "extra"]
 
