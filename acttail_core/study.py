@@ -42,16 +42,16 @@ from .calibration import (
     calibration_chunks,
     coordinate_search,
 )
-from .corpora import load_text, same_text, tokenize_corpus
+from .corpora import same_text
 from .errors import ActTailError
-from .evaluate import perplexity
+from .evaluate import EvalSettings, evaluate_budgets, perplexity
 from .greedy import BLOCK_TOKENS, greedy_block_budget, greedy_budget
 from .models import load_model
 from .progress import ProgressFn, report
 from .projections import find_projections
 from .safe_io import write_bytes, write_text
 from .spectra import DEFAULT_RULE, compute_spectra
-from .thresholds import calibrate_thresholds
+from .thresholds import ThresholdTable, calibrate_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,10 @@ class Study:
         return self._loaded[ref]
 
     def chunks(self, ref: str, texts: tuple[str, ...], tokens: int):
-        """Held-out text (one text, ``tokens`` in all) or calibration texts (``tokens`` from each)."""
+        """Calibration chunks: ``tokens`` from each of the texts."""
         key = (ref, texts, tokens)
-        seqlen = self.config.seqlen_for(tokens)
         if key not in self._chunks:
-            if len(texts) == 1 and texts[0] in self.config.heldout_texts:
-                text = load_text(texts[0], "eval")
-                self._chunks[key] = tokenize_corpus(self.model(ref), text, seqlen, tokens)
-            else:
-                self._chunks[key] = calibration_chunks(self.model(ref), texts, tokens, seqlen)
+            self._chunks[key] = calibration_chunks(self.model(ref), texts, tokens, self.config.seqlen_for(tokens))
         return self._chunks[key]
 
     def spectra(self, ref: str, rule: str):
@@ -232,12 +227,24 @@ class Study:
             alphas = permuted_alphas(spectra.alphas(), spectra.projections(), int(setting.alphas.split(":")[1]))
         return allocate(spectra, sparsity, setting.allocation(), alphas=alphas)
 
-    def thresholds(self, ref: str, budget):
+    def table(self, ref: str, mode: str) -> Optional[ThresholdTable]:
+        """Threshold mode's calibration of this model (once per study), None in TopK mode."""
+        if mode != "threshold":
+            return None
         if ref not in self._thresholds:
             cfg = self.config
             self._thresholds[ref] = calibrate_thresholds(self.model(ref), cfg.threshold_calib,
                                                          max_tokens=cfg.threshold_calib_tokens, seqlen=cfg.seqlen)
-        return self._thresholds[ref].thresholds_for(budget)
+        return self._thresholds[ref]
+
+    def thresholds(self, ref: str, budget):
+        return self.table(ref, "threshold").thresholds_for(budget)
+
+    def evaluation(self, text: str, tokens: int, mode: str) -> EvalSettings:
+        """How a held-out run is measured: ``tokens`` of ``text`` in chunks of ``seqlen_for(tokens)``."""
+        cfg = self.config
+        return EvalSettings(corpus=text, seqlen=cfg.seqlen_for(tokens), max_tokens=tokens, mode=mode,
+                            calib_corpus=cfg.threshold_calib, calib_tokens=cfg.threshold_calib_tokens)
 
     def key(self, ref: str, texts: tuple[str, ...], tokens: int, sparsity: float, setting: Setting,
             mode: str = "topk") -> str:
@@ -254,10 +261,15 @@ class Study:
         key = self.key(ref, texts, tokens, sparsity, setting, mode)
         if key in self.log.runs:
             return self.log.runs[key]
-        chunks = self.chunks(ref, texts, tokens)
         budget = self.budget(ref, setting, sparsity)
-        thresholds = self.thresholds(ref, budget) if (mode == "threshold" and budget is not None) else None
-        result = perplexity(self.model(ref), chunks, budget, mode=mode, thresholds=thresholds, method=setting.method)
+        if len(texts) == 1 and texts[0] in self.config.heldout_texts:  # measured as every evaluation is
+            [result] = evaluate_budgets(self.model(ref), [(setting.method, budget)],
+                                        self.evaluation(texts[0], tokens, mode), calibration=self.table(ref, mode))
+        else:  # calibration: tokens from each of several texts (calibration.calibration_chunks)
+            chunks = self.chunks(ref, texts, tokens)
+            thresholds = self.thresholds(ref, budget) if (mode == "threshold" and budget is not None) else None
+            result = perplexity(self.model(ref), chunks, budget, mode=mode, thresholds=thresholds,
+                                method=setting.method)
         row = {"key": key, "phase": phase, "model": ref, "text": "+".join(texts), "tokens": int(result.tokens),
                "sparsity": sparsity, "setting": asdict(setting), "label": setting.label, "mode": mode,
                "device": self.config.device,
