@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from acttail_core.allocation import AllocationSettings, allocate_sparsities, allocation_curves, settings_of
 from acttail_core.budget import make_budget
+from acttail_core.methods import METHODS
 from tests.test_allocation import make_projections
 
 
@@ -67,8 +68,7 @@ def test_settings_of_a_budget_rebuild_it() -> None:
         uses_alpha = config.method != "uniform"
         budget = make_budget(
             projections, sparsities, model_name="m", model_fingerprint="f", method=config.method, target_sparsity=0.6,
-            temperature=config.temperature if config.method == "acttail" else None,
-            eps=config.eps if config.method == "linear" else None,
+            params={knob.name: getattr(config, knob.name) for knob in METHODS[config.method].knobs},
             direction=config.direction if uses_alpha else None, group=config.group if uses_alpha else None,
         )
         target, rebuilt = settings_of(budget)
@@ -90,7 +90,8 @@ def test_budget_differences_and_summaries() -> None:
     alphas = np.linspace(2.0, 4.0, len(projections))
     sparsities = allocate_sparsities(alphas, projections, 0.6, AllocationSettings(temperature=1.0))
     budget = make_budget(projections, sparsities, model_name="m", model_fingerprint="f", method="acttail",
-                         target_sparsity=0.6, temperature=1.0, direction="keep-light", group="projection")
+                         target_sparsity=0.6, params={"temperature": 1.0}, direction="keep-light",
+                         group="projection")
     uniform = make_budget(projections, [0.6] * len(projections), model_name="m", model_fingerprint="f",
                           method="uniform", target_sparsity=0.6)
     difference = sparsity_difference(budget, uniform)

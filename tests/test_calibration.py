@@ -111,7 +111,7 @@ def test_calibrate_tiny_model_end_to_end(tiny_loaded, demo_cache, tmp_path) -> N
     spectra_for = calibration.SpectraByRule(tiny_loaded)
     budget = found.budget(spectra_for)
     assert abs(budget.effective_sparsity - 0.6) < 1e-9
-    assert budget.temperature == found.choice.temperature and budget.xmin_rule == found.choice.rule
+    assert budget.knob("temperature") == found.choice.temperature and budget.xmin_rule == found.choice.rule
     record = budget.calibration
     assert record.runs == found.search.runs and record.texts == ["demo:lcet10", "demo:asyoulik"]
     path = tmp_path / "calibrated.json"
