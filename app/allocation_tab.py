@@ -91,8 +91,8 @@ def _upload_box(ctx: AppContext) -> None:
                    if active is None else f"Nothing changed: still using {active['name']}.")
         return
     target, settings = settings_of(budget)
-    pending = {"sparsity": target, "method": settings.method, "temperature": settings.temperature,
-               "eps": settings.eps, "direction": settings.direction, "group": settings.group}
+    pending = {"sparsity": target, "method": settings.method, "direction": settings.direction, "group": settings.group,
+               **{knob.name: getattr(settings, knob.name) for knob in KNOBS}}
     if budget.xmin_rule:
         pending["rule"] = budget.xmin_rule
     state.session.active_upload = {"name": uploaded.name, "budget": budget, "model": ctx.loaded.fingerprint,

@@ -31,7 +31,7 @@ from acttail_core.budget import Budget, describe
 from acttail_core.calibration import Calibration
 from acttail_core.errors import ActTailError, BudgetError, CorpusError, ModelLoadError, SpectraError
 from acttail_core.greedy import BUILDERS
-from acttail_core.methods import is_measured
+from acttail_core.methods import KNOBS, is_measured
 from acttail_core.models import LoadedModel, load_model
 from acttail_core.progress import ProgressFn
 from acttail_core.projections import Projection
@@ -51,7 +51,7 @@ DEFAULTS = AllocationSettings()
 # this server read a file of the link author's choosing and describe it.
 URL_KEYS = (
     "model", "path", "dtype", "device", "rule",
-    "sparsity", "temperature", "eps", "method", "direction", "group",
+    "sparsity", *(knob.name for knob in KNOBS), "method", "direction", "group",
     "esd_layer", "esd_type", "esd_expert", "spectra_table", "cmp_type", "act_layer", "act_type", "act_expert",
     "eval_corpus", "eval_tokens", "eval_mode", "eval_greedy", "sweep_methods", "sweep_grid",
     "tp_prompt", "tp_new", "tp_repeats",
@@ -452,10 +452,9 @@ def settings_from_state() -> tuple[float, AllocationSettings]:
     """The target sparsity and AllocationSettings the widgets describe (widget keys are the URL's parameter names)."""
     settings = AllocationSettings(
         method=widget("method", DEFAULTS.method),
-        temperature=float(widget("temperature", DEFAULTS.temperature)),
-        eps=float(widget("eps", DEFAULTS.eps)),
         direction=widget("direction", DEFAULTS.direction),
         group=widget("group", DEFAULTS.group),
+        **{knob.name: float(widget(knob.name, getattr(DEFAULTS, knob.name))) for knob in KNOBS},
     )
     return float(widget("sparsity", DEFAULT_SPARSITY)), settings
 
