@@ -45,6 +45,7 @@ from torch import nn
 from .budget import Budget
 from .errors import ActTailError
 from .kernels.attention import decode_attention
+from .kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch
 from .kernels.gather_gemv import GatherGemv, GemvConfig, default_config
 from .kernels.select import (
     ACT_MUL,
@@ -228,11 +229,13 @@ class Decoder:
     """Greedy decoding for ``batch`` sequences of at most ``max_len`` tokens, dense or under a budget.
 
     ``budget=None`` is the dense step (cuBLAS GEMVs). With a budget, ``kernel`` picks how the kept
-    inputs are multiplied: ``gather`` (the sparse GEMV, reading only kept weight rows; needs
-    ``weights`` from ``input_major(model)``) or ``masked`` (each projection's masked input through a
-    dense cuBLAS GEMM). ``auto`` gathers unless the batch's union of kept inputs is expected to be
-    nearly dense (1 - s^batch > 0.7 for effective sparsity s: batch 4 at 0.5 keeps 94% of the rows),
-    where reading every row once beats the gather's overheads. On CUDA the step is captured as a CUDA
+    inputs are multiplied: ``gather`` (a select kernel, then the sparse GEMV reading only kept weight
+    rows), ``fused`` (batch 1: one kernel per group does both, ``kernels.fused_gemv``; slower than
+    gather on the H200, kept to be measured next to it) or ``masked`` (each projection's masked input
+    through a dense cuBLAS GEMM); gather and fused need ``weights`` from ``input_major(model)``.
+    ``auto`` gathers unless the batch's union of kept inputs is expected to be nearly dense
+    (1 - s^batch > 0.7 for effective sparsity s: batch 4 at 0.5 keeps 94% of the rows), where reading
+    every row once beats the gather's overheads. On CUDA the step is captured as a CUDA
     graph (``use_graph``); elsewhere (the Triton interpreter in tests) it runs eagerly.
     """
 
@@ -255,8 +258,8 @@ class Decoder:
             raise ActTailError(f"cannot use the sparse decode kernels: {why}")
         if mode not in ("topk", "threshold"):
             raise ActTailError(f"unknown sparsity mode {mode!r}; choose topk or threshold")
-        if kernel not in ("auto", "gather", "masked"):
-            raise ActTailError(f"unknown kernel {kernel!r}; choose auto, gather or masked")
+        if kernel not in ("auto", "fused", "gather", "masked"):
+            raise ActTailError(f"unknown kernel {kernel!r}; choose auto, fused, gather or masked")
         if budget is None:
             self.kind = "dense"
         elif kernel == "auto":
@@ -264,8 +267,10 @@ class Decoder:
             self.kind = "gather" if batch == 1 or union <= 0.7 else "masked"
         else:
             self.kind = kernel
-        if self.kind == "gather" and weights is None:
-            raise ActTailError("the gather kernel needs the weights of input_major(model)")
+        if self.kind == "fused" and batch != 1:
+            raise ActTailError(f"the fused kernel decodes one sequence; batch {batch} needs gather or masked")
+        if self.kind in ("gather", "fused") and weights is None:
+            raise ActTailError(f"the {self.kind} kernel needs the weights of input_major(model)")
         if batch < 1 or batch > CompactLists.MAX_BATCH:
             raise ActTailError(f"batch must be 1 to {CompactLists.MAX_BATCH}, got {batch}")
         model = loaded.model
@@ -312,6 +317,7 @@ class Decoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.history = torch.zeros(batch, max_len, dtype=torch.long, device=dev)
         self.h = torch.zeros(batch, d, dtype=dt, device=dev)
+        self.h_next = torch.zeros(batch, d, dtype=dt, device=dev) if self.kind == "fused" else self.h
         self.x_d = torch.zeros(batch, d, dtype=dt, device=dev)
         self.x_i = torch.zeros(batch, self.inter, dtype=dt, device=dev)
         self.attn_out = torch.zeros(batch, q_width, dtype=dt, device=dev)
@@ -320,7 +326,7 @@ class Decoder:
         self.k_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         inputs = {"qkv": d, "o": q_width, "gate_up": d, "down": self.inter}
-        if self.kind == "gather":  # one float32 accumulator per group: the sparse GEMVs add into it with atomics
+        if self.kind in ("gather", "fused"):  # one float32 accumulator per group: the sparse GEMVs add with atomics
             self.out = {g: torch.zeros(batch, sum(w), dtype=torch.float32, device=dev) for g, w in self.widths.items()}
             self.parts = {g: list(self.out[g].split(w, dim=1)) for g, w in self.widths.items()}
         else:  # one buffer per projection: cuBLAS writes each output contiguously
@@ -342,6 +348,16 @@ class Decoder:
                     expected = [int(v) for v in keeps[index, g_index, : len(types)]]
                     per[group] = GatherGemv(groups[group], self.widths[group], expected, batch, config_)
                 self.gemvs.append(per)
+        if self.kind == "fused":
+            config_ = gemv_config or default_config(dev)
+            scratch = FusedScratch(dt, dev)
+            self.gemvs = [
+                {group: FusedGemv(groups[group], self.widths[group], self.params[index, g_index], mode=self.mode,
+                                  eps=self.eps, style=self.family.norm_style, activation=self.activation,
+                                  config=config_, scratch=scratch)
+                 for g_index, (group, _) in enumerate(GROUPS)}
+                for index, groups in enumerate(weights.groups)
+            ]
         self._host_pos = 0
         self._plan = self._build_plan()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -382,6 +398,12 @@ class Decoder:
 
         return dense
 
+    def _fused(self, group: str, layer: int, inputs: FusedPrologue) -> Callable[[], None]:
+        """One group's fused kernel; it zeroes the accumulator of the group after it (see ``fused_gemv``)."""
+        names = [g for g, _ in GROUPS]
+        following = names[(names.index(group) + 1) % len(names)]
+        return partial(self.gemvs[layer][group], inputs, self.out[group], self.out[following])
+
     def _embed(self) -> None:
         torch.index_select(self.embed.weight, 0, self.tokens, out=self.h)
         if self.embed_scale is not None:
@@ -414,6 +436,22 @@ class Decoder:
                 k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None, eps=self.eps, style=fam.norm_style,
             )
             gate, up = self.parts["gate_up"]
+            if self.kind == "fused":  # the residual moves h -> h_next (attention) -> h (MLP), every layer alike
+                plan += [
+                    ("gemv", self._fused("qkv", index, FusedPrologue(
+                        RESIDUAL_NORM, a=delta, h=self.h, h_out=self.h_next, has_delta=delta is not None,
+                        norm_weight=layer.input_layernorm.weight, post_norm_weight=delta_norm))),
+                    ("attention", attention),
+                    ("gemv", self._fused("o", index, FusedPrologue(PLAIN, a=self.attn_out))),
+                    ("gemv", self._fused("gate_up", index, FusedPrologue(
+                        RESIDUAL_NORM, a=self.parts["o"][0], h=self.h_next, h_out=self.h, has_delta=True,
+                        norm_weight=getattr(layer, fam.mlp_norm).weight,
+                        post_norm_weight=self._norm_weight(layer, fam.post_attention_norm)))),
+                    ("gemv", self._fused("down", index, FusedPrologue(ACT_MUL, a=gate, b=up))),
+                ]
+                delta = self.parts["down"][0]
+                delta_norm = self._norm_weight(layer, fam.post_mlp_norm)
+                continue
             plan += [
                 ("select", self._select("qkv", index, prologue=RESIDUAL_NORM, x_out=self.x_d, h=self.h, a=delta,
                                         has_delta=delta is not None, norm_weight=layer.input_layernorm.weight,
@@ -443,7 +481,7 @@ class Decoder:
 
     def _qkv_biases(self, attn: nn.Module) -> dict:
         """The sparse GEMVs leave float32 sums, to which attention adds the biases; cuBLAS already added them."""
-        if self.kind != "gather":
+        if self.kind not in ("gather", "fused"):
             return {}
         return {"q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias}
 
@@ -527,7 +565,7 @@ class DecodeSpeed:
     method: str
     sparsity: float
     batch: int
-    path: str  # "dense-graph", "sparse-gather" or "sparse-masked" (fused step), or "masked" (see MASKED_NOTE)
+    path: str  # "dense-graph", "sparse-fused", "sparse-gather", "sparse-masked" (CUDA-graphed step), "masked"
     tokens_per_s: float  # median over repeats, tokens of all sequences per second
     runs: list[float] = field(default_factory=list)  # tokens/s of every repeat
     weight_bytes_per_step: int = 0  # projection rows the budget keeps + LM head, read once per step
@@ -594,12 +632,13 @@ def measure_decode(
     del decoder
     gc.collect()  # the step's launches refer back to the decoder: free its graph and buffers now
     median = statistics.median(runs)
-    step_bytes = weight_bytes_per_step(loaded, budget if kind == "gather" else None)
+    step_bytes = weight_bytes_per_step(loaded, budget if kind in ("gather", "fused") else None)
     return DecodeSpeed(
         method=method or ("dense" if budget is None else budget.method),
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),
         batch=batch,
-        path={"dense": "dense-graph", "gather": "sparse-gather", "masked": "sparse-masked"}[kind],
+        path={"dense": "dense-graph", "fused": "sparse-fused", "gather": "sparse-gather",
+              "masked": "sparse-masked"}[kind],
         tokens_per_s=median,
         runs=runs,
         weight_bytes_per_step=step_bytes,

@@ -1,7 +1,7 @@
 """Decode speed of the CUDA-graphed step (acttail_core.decode): dense cuBLAS vs the sparse kernels.
 
     # the benchmark of record: random Llama-2-7B shapes, bf16, batch 1 (and batch 4), one H200
-    python bench/bench_decode.py --synthetic llama2-7b --json bench/results/decode_h200.json
+    python bench/bench_decode.py --synthetic llama2-7b --fused-sweep --profile --json bench/results/decode_h200.json
     # also sweep the GEMV tiles and time every phase of the step on its own
     python bench/bench_decode.py --synthetic llama2-7b --sweep --profile
     # CPU smoke test of the same code (Triton interpreter; numbers meaningless)
@@ -10,7 +10,8 @@
 In one run: the device-to-device copy bandwidth (bytes read + written), the dense step's tokens/s
 and the weight bandwidth it achieves, uniform TopK budgets at 0.4-0.9, the engine's own acttail
 budgets at 0.5 and 0.8 (spectra of these weights -> allocation: random weights still give a
-non-uniform budget, which is what matters for speed), and batch 4. Every sparse configuration is
+non-uniform budget, which is what matters for speed), the same budgets through the one-kernel-per-group
+``fused`` path (``--fused-sweep`` first picks its grid), and batch 4. Every sparse configuration is
 timed against the dense step of the same run. ``achieved_gbps`` counts the weight bytes a step must
 read (kept input rows of every projection + the dense LM head) per second. ``--profile`` captures a
 graph of each phase alone (selects, GEMVs, attention, head) and reports its time per token and, for
@@ -46,6 +47,11 @@ PRESETS = {
 }
 SWEEP = [GemvConfig(n, k, w, s) for n, k, w, s in [
     (128, 32, 8, 4), (128, 64, 8, 4), (256, 32, 8, 4), (128, 32, 4, 4), (64, 64, 8, 4),
+]]
+# the fused kernel's grid: programs per SM sets how many programs repeat the select (and split the rows)
+FUSED_SWEEP = [GemvConfig(n, k, w, s, p) for n, k, w, s, p in [
+    (128, 64, 8, 4, 1), (128, 64, 8, 4, 2), (128, 64, 8, 4, 4), (256, 32, 8, 3, 1), (256, 64, 8, 3, 2),
+    (64, 64, 4, 4, 2), (128, 32, 8, 4, 2),
 ]]
 
 
@@ -170,6 +176,7 @@ def main() -> None:
     parser.add_argument("--acttail", default="0.5,0.8")
     parser.add_argument("--batch", type=int, default=4, help="the batched comparison (dense vs uniform 0.5)")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
+    parser.add_argument("--fused-sweep", action="store_true", help="time the fused kernel's grids first, keep the best")
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
@@ -261,11 +268,34 @@ def main() -> None:
                 config = GemvConfig(**best["config"])
         result["gemv_config"] = config.__dict__
         print(f"GEMV config: {config}", flush=True)
+        fused_config = config
+        if args.fused_sweep and args.batch:
+            uniform_mid = [b for b in budgets if b.method == "uniform"]
+            probe = [uniform_mid[1], uniform_mid[3]] if len(uniform_mid) >= 4 else uniform_mid[:1]
+            sweep = []
+            for candidate in FUSED_SWEEP:
+                speeds = attempt(f"fused sweep {candidate}", lambda: [
+                    measure_decode(loaded, b, weights=weights, prompt_len=8, new_tokens=64, repeats=3,
+                                   gemv_config=candidate, kernel="fused").tokens_per_s for b in probe])
+                if speeds:
+                    score = statistics.geometric_mean(speeds)
+                    sweep.append({"config": candidate.__dict__, "tokens_per_s": speeds, "score": score})
+                    print(f"  fused sweep {candidate}: {[round(s, 1) for s in speeds]}", flush=True)
+            result["fused_sweep"] = sweep
+            if sweep:
+                fused_config = GemvConfig(**max(sweep, key=lambda r: r["score"])["config"])
+        result["fused_config"] = fused_config.__dict__
+        print(f"fused config: {fused_config}", flush=True)
         attempt("dense (input-major views)", lambda: record(measure_decode(loaded, None, **kw),
                                                             "dense step on the converted (transposed-view) weights"))
-        for budget in budgets:
+        for budget in budgets:  # batch 1: auto is the gather kernel
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
+        for budget in budgets:  # the one-kernel-per-group path at the same budgets
+            if budget.method != "uniform" or round(budget.effective_sparsity, 3) in (0.5, 0.8):
+                attempt(f"fused {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
+                    measure_decode(loaded, budget, weights=weights, gemv_config=fused_config, kernel="fused", **kw),
+                    "kernel=fused (select inside every GEMV program)"))
         pdl_rows = [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
         for budget in pdl_rows if args.pdl_compare else []:
             os.environ["ACTTAIL_PDL"] = "1"  # what programmatic dependent launch buys, same run

@@ -73,7 +73,7 @@ def reference_greedy(model, prompt, steps, budget=None, mode="topk", thresholds=
     return ids[:, prompt.shape[1]:].cpu(), logits.float()
 
 
-def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=None, kernel="gather"):
+def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=None, kernel="auto"):
     if budget is None:
         decoder = Decoder(loaded, batch=prompt.shape[0], max_len=32)
         return decoder.generate(prompt, steps), decoder.logits.float()
@@ -85,15 +85,17 @@ def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=Non
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype,batch", [(torch.float32, 2), (torch.float16, 1)])
-@pytest.mark.parametrize("variant", ["dense", "topk", "threshold", "topk-masked"])
+@pytest.mark.parametrize("variant", ["dense", "topk", "threshold", "topk-masked", "topk-fused", "threshold-fused"])
 def test_fused_decode_matches_the_masked_reference(family, dtype, batch, variant):
+    kernel = variant.split("-")[1] if "-" in variant else "gather"
+    if kernel == "fused":
+        batch = 1  # the fused kernel decodes one sequence
     model = build(family, dtype)
     loaded = from_module(model, None, name=family)
     prompt = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(1))
     budget = None if variant == "dense" else nonuniform_budget(loaded)
-    mode = "threshold" if variant == "threshold" else "topk"
-    thresholds = random_thresholds(loaded) if variant == "threshold" else None
-    kernel = "masked" if variant == "topk-masked" else "gather"
+    mode = "threshold" if variant.startswith("threshold") else "topk"
+    thresholds = random_thresholds(loaded) if mode == "threshold" else None
     exact = dtype == torch.float32 or DEVICE.type == "cpu"  # the interpreter rounds like torch's CPU kernels
     steps = 8 if exact else 1
     expected, ref_logits = reference_greedy(model, prompt, steps, budget, mode, thresholds)
@@ -178,6 +180,8 @@ def test_auto_kernel_masks_when_the_batch_union_is_nearly_dense():
         kinds = {(b, s): Decoder(loaded, batch=b, budget=nonuniform_budget(loaded, s), weights=weights,
                                  max_len=8).kind for b, s in [(1, 0.5), (2, 0.8), (4, 0.5)]}
     assert kinds == {(1, 0.5): "gather", (2, 0.8): "gather", (4, 0.5): "masked"}
+    with input_major(loaded.model) as weights, pytest.raises(ActTailError, match="one sequence"):
+        Decoder(loaded, batch=2, budget=nonuniform_budget(loaded), weights=weights, kernel="fused")
 
 
 def test_sequence_longer_than_max_len_is_refused():

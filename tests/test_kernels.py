@@ -7,7 +7,11 @@ outputs poisoned before the kernel runs so unwritten entries show.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ import torch
 pytest.importorskip("triton", reason="the sparse decode kernels need the triton package")
 
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
+from acttail_core.kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
     ACT_MUL,
@@ -244,6 +249,93 @@ def test_gather_gemv_refuses_row_major_weights_and_bad_widths():
         GatherGemv(weight.t().contiguous(), [5], [4], 1)
 
 
+def run_fused(x, weight, widths, params, config, mode=MODE_TOPK, zero=None):
+    """The fused kernel on a plain input row; returns y and the kernel object (for its grid)."""
+    scratch = FusedScratch(x.dtype, DEVICE)
+    fused = FusedGemv(weight.t().contiguous(), widths, torch.tensor(params, dtype=torch.int32, device=DEVICE),
+                      mode=mode, eps=1e-6, style="llama", activation="silu", config=config, scratch=scratch)
+    y = torch.zeros(1, sum(widths), device=DEVICE)
+    fused(FusedPrologue(PLAIN, a=x), y, zero)
+    return y, fused
+
+
+# grids: one program; column programs only; row shares only; both (interpreted, so kept small)
+FUSED_CONFIGS = [GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=2, programs_per_sm=p) for p in (1, 4, 16)]
+
+
+@pytest.mark.slow  # interpreted kernel grids
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("widths,ks", [([130], [40]), ([96, 33, 33], [0, 64, 257]), ([200, 70], [1, 256])])
+@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=["1", "4", "16"])
+def test_fused_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, widths, ks, config):
+    n_in = 257  # not a multiple of any block
+    x = torch.randn(1, n_in, device=DEVICE).to(dtype)
+    x[0, 5:9] = x[0, 100]  # ties; the k-th value lands among them for some k
+    weight = torch.randn(sum(widths), n_in, device=DEVICE).to(dtype)
+    zero = torch.full((1, 77), 5.0, device=DEVICE)
+    y, fused = run_fused(x, weight, widths, ks, config, zero=zero)
+    assert torch.count_nonzero(zero) == 0
+    start = 0
+    for width, k in zip(widths, ks):
+        masked = torch.where(reference_keep(x, k), x, torch.zeros_like(x)).double()
+        expected = masked @ weight[start : start + width].double().t()
+        got = y[:, start : start + width].double()
+        if k == 0:
+            assert torch.count_nonzero(got) == 0
+        else:
+            err = (got - expected).norm() / expected.norm()
+            assert err < (1e-6 if dtype == torch.float32 else 1e-3), err
+        start += width
+
+
+@pytest.mark.slow
+def test_fused_gemv_ties_keep_every_input_equal_to_the_kth():
+    x = torch.tensor([[3.0, -2.0, 2.0, 2.0, -2.0, 1.0, 0.0, 0.5]], device=DEVICE)
+    weight = torch.eye(8, device=DEVICE)
+    for k, kept in ((1, [0]), (2, [0, 1, 2, 3, 4]), (5, [0, 1, 2, 3, 4]), (8, [0, 1, 2, 3, 4, 5, 7])):
+        y, _ = run_fused(x, weight, [8], [k], FUSED_CONFIGS[1])
+        expected = torch.zeros_like(x)
+        expected[0, kept] = x[0, kept]
+        assert torch.equal(y, expected), (k, y)
+
+
+@pytest.mark.slow
+def test_fused_gemv_threshold_mode_and_row_shares():
+    x = torch.randn(1, 1000, device=DEVICE)
+    weight = torch.randn(48, 1000, device=DEVICE)
+    config = GemvConfig(block_n=16, block_k=16, num_warps=4, num_stages=2, programs_per_sm=32)
+    y, fused = run_fused(x, weight, [48], [threshold_param(0.7, torch.float32)], config, mode=MODE_THRESHOLD)
+    assert fused.pr > 1 and fused.pc > 1
+    masked = torch.where(x.abs() > 0.7, x, torch.zeros_like(x))
+    torch.testing.assert_close(y, masked @ weight.t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_fused_gemv_residual_prologue_writes_the_other_buffer(style):
+    n, eps = 200, 1e-5
+    h = torch.randn(1, n, device=DEVICE)
+    delta = torch.randn(1, n, device=DEVICE)
+    w = torch.randn(n, device=DEVICE)
+    h_ref = h + delta
+    x_ref = torch_rms(h_ref, w, style, eps, torch.float32)
+    weight = torch.randn(40, n, device=DEVICE)
+    h_before = h.clone()
+    h_out = torch.full_like(h, float("nan"))
+    scratch = FusedScratch(torch.float32, DEVICE)
+    fused = FusedGemv(weight.t().contiguous(), [40], torch.tensor([60], dtype=torch.int32, device=DEVICE),
+                      mode=MODE_TOPK, eps=eps, style=style, activation="silu", config=FUSED_CONFIGS[2],
+                      scratch=scratch)
+    y = torch.zeros(1, 40, device=DEVICE)
+    fused(FusedPrologue(RESIDUAL_NORM, a=delta, h=h, h_out=h_out, has_delta=True, norm_weight=w), y)
+    assert torch.equal(h, h_before)
+    torch.testing.assert_close(h_out, h_ref)
+    masked = torch.where(reference_keep(x_ref, 60), x_ref, torch.zeros_like(x_ref))
+    torch.testing.assert_close(y, masked @ weight.t(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="another buffer"):
+        fused(FusedPrologue(RESIDUAL_NORM, a=delta, h=h, h_out=h, has_delta=True, norm_weight=w), y)
+
+
 def torch_attention(q, k_new, v_new, k_hist, v_hist, pos, cos, sin, scale, window, n_heads):
     """Reference: RoPE on q and the new k, append to the history, softmax attention over the window."""
     head_dim = cos.shape[-1]
@@ -303,3 +395,56 @@ def test_gather_gemv_reads_past_the_expected_count():
     GatherGemv(weight.t().contiguous(), [48], [37], 1, GemvConfig(block_n=32, block_k=16, programs_per_sm=8))(lists, y)
     masked = torch.where(reference_keep(x, 600), x, torch.zeros_like(x))
     torch.testing.assert_close(y, masked @ weight.t(), atol=1e-4, rtol=1e-4)
+
+
+
+HOPPER_COMPILE = """
+import sys, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from acttail_core.kernels.fused_gemv import _fused_kernel
+from acttail_core.kernels.gather_gemv import _gather_gemv_kernel
+from acttail_core.kernels.select import _select_kernel
+
+groups, prologue, block = json.loads(sys.argv[1])
+bf16 = ("h_ptr", "h_out_ptr", "w_ptr", "pw_ptr", "wt_ptr", "scratch_val_ptr", "x_ptr", "val_ptr", "xm_ptr")
+ints = ("param_ptr", "scratch_idx_ptr", "idx_ptr", "count_ptr", "cut_ptr")
+
+def build(fn, constexprs, num_warps):
+    names = fn.arg_names
+    def kind(n):
+        if n in constexprs:
+            return "constexpr"
+        if n.endswith("_ptr"):
+            return "*bf16" if n in bf16 else "*i32" if n in ints else "*fp32"
+        return "fp32" if n in ("eps", "inv_n") else "i32"
+    source = ASTSource(fn, {n: kind(n) for n in names},
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3})
+
+common = dict(MODE=1, G=groups, PROLOGUE=prologue, HAS_DELTA=True, POST_NORM=groups == 2,
+              STYLE=1 if groups == 2 else 0, ACT=0, PASSES=4, BLOCK=block)
+warps = 16 if block > 8192 else 8
+build(_fused_kernel, {**common, "PC": 96, "PR": 2, "BLOCK_N": 128, "BLOCK_K": 64, "ZERO_BLOCK": 128}, warps)
+build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": False, "ZERO_BLOCK": 1024,
+                       "PDL": False}, warps)
+build(_gather_gemv_kernel, {"SPLIT": 4, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_B": 16, "USE_DOT": groups == 1,
+                            "PDL": False}, 8)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("groups,prologue,block", [(3, RESIDUAL_NORM, 4096), (2, RESIDUAL_NORM, 4096),
+                                                   (1, PLAIN, 4096), (1, ACT_MUL, 16384)])
+def test_kernels_compile_for_hopper(groups, prologue, block):
+    """The decode kernels compile to sm_90 cubins here (Triton ships ptxas; no GPU needed).
+
+    The interpreter runs the kernels' Python, but only the compiler enforces Triton's own rules
+    (constexpr globals, loop-carried types): without this, such errors show only on a GPU. It runs
+    in a subprocess because the test session has switched the kernels to the interpreter.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, json.dumps([groups, prologue, block])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]

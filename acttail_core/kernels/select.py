@@ -82,9 +82,15 @@ def _norm(x, w, inside, inv_n, eps, STYLE: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
+              h_out_ptr, write_h,
               PROLOGUE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, STYLE: tl.constexpr,
               ACT: tl.constexpr, DT: tl.constexpr):
-    """The group's input row as float32 values that are exact in the model dtype ``DT``."""
+    """The group's input row as float32 values that are exact in the model dtype ``DT``.
+
+    ``residual_norm`` writes the updated residual to ``h_out_ptr`` (same row stride as ``h_ptr``) when
+    ``write_h``: in place for the one-program select, to the other buffer of a pair when many programs
+    read the old residual at once (``fused_gemv``).
+    """
     if PROLOGUE == 0:
         x = tl.load(a_ptr + row * a_stride + cols, mask=inside, other=0.0).to(tl.float32).to(DT).to(tl.float32)
     elif PROLOGUE == 1:
@@ -95,7 +101,8 @@ def _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stri
                 pw = tl.load(pw_ptr + cols, mask=inside, other=0.0).to(tl.float32)
                 d = _norm(d, pw, inside, inv_n, eps, STYLE, DT)
             h = (h + d).to(DT).to(tl.float32)
-            tl.store(h_ptr + row * h_stride + cols, h.to(h_ptr.dtype.element_ty), mask=inside)
+        if write_h:
+            tl.store(h_out_ptr + row * h_stride + cols, h.to(h_out_ptr.dtype.element_ty), mask=inside)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         x = _norm(h, w, inside, inv_n, eps, STYLE, DT)
     else:
@@ -217,7 +224,7 @@ def _select_kernel(
     inside = cols < n_cols
     DT: tl.constexpr = x_ptr.dtype.element_ty
     x = _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
-                  PROLOGUE, HAS_DELTA, POST_NORM, STYLE, ACT, DT)
+                  h_ptr, HAS_DELTA, PROLOGUE, HAS_DELTA, POST_NORM, STYLE, ACT, DT)
     tl.store(x_ptr + row * x_stride + cols, x.to(DT), mask=inside)
     if n_zero > 0:  # the downstream GEMV accumulates into this buffer
         for start in range(0, n_zero, ZERO_BLOCK):
