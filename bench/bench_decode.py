@@ -45,8 +45,10 @@ PRESETS = {
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
     "tiny": (128, 320, 2, 4, 2, 512),
 }
-SWEEP = [GemvConfig(n, k, w, s) for n, k, w, s in [
-    (128, 32, 8, 4), (128, 64, 8, 4), (256, 32, 8, 4), (128, 32, 4, 4), (64, 64, 8, 4),
+# tiles (block_n, block_k, warps, stages) were swept first (128 x 64, 8 warps, 4 stages won over 128 x 32,
+# 256 x 32, 64 x 64 and 4 warps); this sweep asks how many programs per SM the split-K should aim for
+SWEEP = [GemvConfig(n, k, w, s, p) for n, k, w, s, p in [
+    (128, 64, 8, 4, 4), (128, 64, 8, 4, 2), (128, 64, 8, 4, 8), (128, 32, 8, 4, 8),
 ]]
 # the fused kernel's grid: programs per SM sets how many programs repeat the select (and split the rows)
 FUSED_SWEEP = [GemvConfig(n, k, w, s, p) for n, k, w, s, p in [
@@ -132,7 +134,7 @@ def select_micro(device: torch.device) -> list[dict]:
         block = 1 << (n_cols - 1).bit_length()
         stages = [("prologue only", 0, False), ("+ cuts", 1, False), ("+ cuts + compaction", 1, True)]
         for label, mode, compact in stages:
-            for warps in (4, 8, 16):
+            for warps in (4, 8, 16, 32):
                 def launch():
                     sel._select_kernel[(1,)](
                         x, x.stride(0), x, 0, x, 0, x, x, 1e-6, 1.0 / n_cols, x_out, x_out.stride(0), params,
@@ -177,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="the batched comparison (dense vs uniform 0.5)")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
     parser.add_argument("--fused-sweep", action="store_true", help="time the fused kernel's grids first, keep the best")
+    parser.add_argument("--kernels", default="gather,fused", help="batch-1 sparse paths to time (gather, fused)")
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
@@ -288,10 +291,11 @@ def main() -> None:
         print(f"fused config: {fused_config}", flush=True)
         attempt("dense (input-major views)", lambda: record(measure_decode(loaded, None, **kw),
                                                             "dense step on the converted (transposed-view) weights"))
-        for budget in budgets:  # batch 1: auto is the gather kernel
+        kernels = set(args.kernels.split(","))
+        for budget in budgets if "gather" in kernels else []:  # batch 1: auto is the gather kernel
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
-        for budget in budgets:  # the one-kernel-per-group path at the same budgets
+        for budget in budgets if "fused" in kernels else []:  # the one-kernel-per-group path, same budgets
             if budget.method != "uniform" or round(budget.effective_sparsity, 3) in (0.5, 0.8):
                 attempt(f"fused {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                     measure_decode(loaded, budget, weights=weights, gemv_config=fused_config, kernel="fused", **kw),

@@ -405,7 +405,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from acttail_core.kernels.fused_gemv import _fused_kernel
 from acttail_core.kernels.gather_gemv import _gather_gemv_kernel
-from acttail_core.kernels.select import _select_kernel
+from acttail_core.kernels.select import _select_kernel, _warps
 
 groups, prologue, block = json.loads(sys.argv[1])
 bf16 = ("h_ptr", "h_out_ptr", "w_ptr", "pw_ptr", "wt_ptr", "scratch_val_ptr", "x_ptr", "val_ptr", "xm_ptr")
@@ -425,7 +425,7 @@ def build(fn, constexprs, num_warps):
 
 common = dict(MODE=1, G=groups, PROLOGUE=prologue, HAS_DELTA=True, POST_NORM=groups == 2,
               STYLE=1 if groups == 2 else 0, ACT=0, PASSES=4, BLOCK=block)
-warps = 16 if block > 8192 else 8
+warps = _warps(block)
 build(_fused_kernel, {**common, "PC": 96, "PR": 2, "BLOCK_N": 128, "BLOCK_K": 64, "ZERO_BLOCK": 128}, warps)
 build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": False, "ZERO_BLOCK": 1024,
                        "PDL": False}, warps)

@@ -309,6 +309,9 @@ def _union_compact_kernel(
 
 
 def _warps(block: int) -> int:
+    """Threads for one row held in registers. A 16384-wide row spills at 16 warps too (ptxas: 128
+    registers, 136 bytes), but 32 warps was slower on the H200 (the 11008-wide down-projection select:
+    33.6 against 26.2 us, bench/results/decode_h200_warps32.txt)."""
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
