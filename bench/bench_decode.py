@@ -252,41 +252,31 @@ def main() -> None:
             "allocated_change_bytes": (torch.cuda.memory_allocated(device) - allocated) if device.type == "cuda" else 0,
         }
         print(f"input-major conversion: {result['conversion']}", flush=True)
+        uniform_mid = [b for b in budgets if b.method == "uniform"]
+        probe = [uniform_mid[1], uniform_mid[3]] if len(uniform_mid) >= 4 else uniform_mid[:1]
+
+        def sweep(candidates: list[GemvConfig], kernel: str, fallback: GemvConfig) -> tuple[GemvConfig, list]:
+            """Short decodes of the probe budgets with every candidate; the best by geometric mean."""
+            rows = []
+            for candidate in candidates:
+                speeds = attempt(f"{kernel} sweep {candidate}", lambda: [
+                    measure_decode(loaded, b, weights=weights, prompt_len=8, new_tokens=64, repeats=3,
+                                   gemv_config=candidate, kernel=kernel).tokens_per_s for b in probe])
+                if speeds:
+                    rows.append({"config": candidate.__dict__, "tokens_per_s": speeds,
+                                 "score": statistics.geometric_mean(speeds)})
+                    print(f"  {kernel} sweep {candidate}: {[round(s, 1) for s in speeds]}", flush=True)
+            best = GemvConfig(**max(rows, key=lambda r: r["score"])["config"]) if rows else fallback
+            return best, rows
+
         config = default_config(device)
         if args.sweep:
-            uniform_mid = [b for b in budgets if b.method == "uniform"]
-            probe = [uniform_mid[1], uniform_mid[3]] if len(uniform_mid) >= 4 else uniform_mid[:1]
-            sweep = []
-            for candidate in SWEEP:
-                speeds = attempt(f"sweep {candidate}", lambda: [
-                    measure_decode(loaded, b, weights=weights, prompt_len=8, new_tokens=64, repeats=3,
-                                   gemv_config=candidate).tokens_per_s for b in probe])
-                if speeds:
-                    score = statistics.geometric_mean(speeds)
-                    sweep.append({"config": candidate.__dict__, "tokens_per_s": speeds, "score": score})
-                    print(f"  sweep {candidate}: {[round(s, 1) for s in speeds]}", flush=True)
-            result["sweep"] = sweep
-            if sweep:
-                best = max(sweep, key=lambda r: r["score"])
-                config = GemvConfig(**best["config"])
+            config, result["sweep"] = sweep(SWEEP, "gather", config)
         result["gemv_config"] = config.__dict__
         print(f"GEMV config: {config}", flush=True)
         fused_config = config
-        if args.fused_sweep and args.batch:
-            uniform_mid = [b for b in budgets if b.method == "uniform"]
-            probe = [uniform_mid[1], uniform_mid[3]] if len(uniform_mid) >= 4 else uniform_mid[:1]
-            sweep = []
-            for candidate in FUSED_SWEEP:
-                speeds = attempt(f"fused sweep {candidate}", lambda: [
-                    measure_decode(loaded, b, weights=weights, prompt_len=8, new_tokens=64, repeats=3,
-                                   gemv_config=candidate, kernel="fused").tokens_per_s for b in probe])
-                if speeds:
-                    score = statistics.geometric_mean(speeds)
-                    sweep.append({"config": candidate.__dict__, "tokens_per_s": speeds, "score": score})
-                    print(f"  fused sweep {candidate}: {[round(s, 1) for s in speeds]}", flush=True)
-            result["fused_sweep"] = sweep
-            if sweep:
-                fused_config = GemvConfig(**max(sweep, key=lambda r: r["score"])["config"])
+        if args.fused_sweep:
+            fused_config, result["fused_sweep"] = sweep(FUSED_SWEEP, "fused", config)
         result["fused_config"] = fused_config.__dict__
         print(f"fused config: {fused_config}", flush=True)
         attempt("dense (input-major views)", lambda: record(measure_decode(loaded, None, **kw),

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import GemvConfig, _sm_count
+from .gather_gemv import ColumnLayout, GemvConfig, _gather_rows, _sm_count, _tile_columns
 from .select import ACTIVATIONS, NORM_STYLES, RADIX_PASSES, _cuts, _prologue
 
 _FIELD = tl.constexpr(21)  # bits per projection in the packed prefix sum (ranks up to 2M inputs)
@@ -113,24 +113,12 @@ def _fused_kernel(
     tl.debug_barrier()  # the scratch rows written above are read below by other threads of this program
 
     for tile in range(c, total_tiles, PC):
-        which = (tile >= tile1).to(tl.int32) + (tile >= tile2).to(tl.int32)  # the tile's projection
-        col_start = tl.where(which == 0, 0, tl.where(which == 1, end0, end1))
-        col_end = tl.where(which == 0, end0, tl.where(which == 1, end1, end2))
-        first_tile = tl.where(which == 0, 0, tl.where(which == 1, tile1, tile2))
-        cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_in = cols < col_end
+        which, cols, col_in = _tile_columns(tile, end0, end1, end2, tile1, tile2, BLOCK_N)
         n_rows = tl.where(which == 0, count0, tl.where(which == 1, count1, count2))
         list_base = (pid * 3 + which) * share_cap
-        acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-        for start in range(0, n_rows, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_in = ks < n_rows
-            rows = tl.load(scratch_idx_ptr + list_base + ks, mask=k_in, other=0).to(tl.int64)
-            xv = tl.load(scratch_val_ptr + list_base + ks, mask=k_in, other=0.0).to(tl.float32)
-            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * xv[:, None]
-        tl.atomic_add(y_ptr + cols, tl.sum(acc, axis=0), mask=col_in, sem="relaxed")
+        partial = _gather_rows(wt_ptr, stride_wk, scratch_idx_ptr + list_base, scratch_val_ptr + list_base, 0, n_rows,
+                               cols, col_in, BLOCK_K, BLOCK_N)
+        tl.atomic_add(y_ptr + cols, partial, mask=col_in, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -164,16 +152,10 @@ class FusedGemv:
         self.wt, self.params, self.mode, self.eps = wt, params, mode, float(eps)
         self.style, self.activation, self.config = style, activation, config
         self.n_in = wt.shape[0]
-        ends = [sum(widths[: i + 1]) for i in range(len(widths))]
-        tiles = [triton.cdiv(w, config.block_n) for w in widths]
-        starts = [sum(tiles[:i]) for i in range(len(tiles))]
-        self.total_tiles = sum(tiles)
-        never = self.total_tiles + 1
-        self.ends = (ends + [ends[-1]] * 3)[:3]
-        self.tile_starts = (starts[1:] + [never, never])[:2]
+        self.layout = ColumnLayout.of(widths, config.block_n)
         self.groups = len(widths)
         programs = config.programs_per_sm * _sm_count(wt.device)
-        self.pc = max(1, min(self.total_tiles, programs))
+        self.pc = max(1, min(self.layout.total_tiles, programs))
         rows = max(1, programs // self.pc)
         self.pr = triton.next_power_of_2(rows) if rows > 1 else 1
         while self.pr > 1 and self.pr * config.block_k > self.n_in:  # shares shorter than a block only add atomics
@@ -200,7 +182,7 @@ class FusedGemv:
             self.params, self.wt, self.wt.stride(0), y,
             zero if zero is not None else y, n_zero,
             self.scratch.idx, self.scratch.val, self.scratch.share_cap,
-            self.ends[0], self.ends[1], self.ends[2], self.tile_starts[0], self.tile_starts[1], self.total_tiles,
+            *self.layout.ends, *self.layout.tile_starts, self.layout.total_tiles,
             MODE=self.mode, G=self.groups, PROLOGUE=inputs.prologue, HAS_DELTA=inputs.has_delta,
             POST_NORM=inputs.post_norm_weight is not None, STYLE=NORM_STYLES[self.style],
             ACT=ACTIVATIONS[self.activation], PASSES=RADIX_PASSES[self.wt.dtype], BLOCK=block,

@@ -36,6 +36,37 @@ from .select import CompactLists, _pdl_enter, use_pdl
 
 
 @triton.jit
+def _tile_columns(tile, end0, end1, end2, tile1, tile2, BLOCK_N: tl.constexpr):
+    """The projection (0-2) a column tile belongs to, its output columns and which of them exist."""
+    which = (tile >= tile1).to(tl.int32) + (tile >= tile2).to(tl.int32)
+    col_start = tl.where(which == 0, 0, tl.where(which == 1, end0, end1))
+    col_end = tl.where(which == 0, end0, tl.where(which == 1, end1, end2))
+    first_tile = tl.where(which == 0, 0, tl.where(which == 1, tile1, tile2))
+    cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return which, cols, cols < col_end
+
+
+@triton.jit
+def _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over list entries lo..hi of val * wt[idx, cols], for one sequence: [BLOCK_N] float32.
+
+    Accumulates ``w * x`` elementwise and reduces once at the end (a batch of one gains nothing from
+    ``tl.dot``'s 16-row minimum).
+    """
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_in = ks < hi
+        rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
+        x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+        w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * x[:, None]
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _gather_gemv_kernel(
     wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, cut_ptr, val_stride_b,
     y_ptr, stride_yb, n_rows, end0, end1, end2, tile1, tile2,
@@ -45,12 +76,7 @@ def _gather_gemv_kernel(
     _pdl_enter(PDL)
     tile = tl.program_id(0)
     part = tl.program_id(1)
-    g = (tile >= tile1).to(tl.int32) + (tile >= tile2).to(tl.int32)
-    col_start = tl.where(g == 0, 0, tl.where(g == 1, end0, end1))
-    col_end = tl.where(g == 0, end0, tl.where(g == 1, end1, end2))
-    first_tile = tl.where(g == 0, 0, tl.where(g == 1, tile1, tile2))
-    cols = col_start + (tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in = cols < col_end
+    g, cols, col_in = _tile_columns(tile, end0, end1, end2, tile1, tile2, BLOCK_N)
     count = tl.load(count_ptr + g)  # this projection's prefix of the group's list
     share = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_K) * BLOCK_K
     lo = part * share
@@ -75,16 +101,8 @@ def _gather_gemv_kernel(
         tl.atomic_add(y_ptr + seqs[:, None] * stride_yb + cols[None, :], acc, mask=seq_in[:, None] & col_in[None, :],
                       sem="relaxed")
     else:
-        acc2 = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-        for start in range(lo, hi, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_in = ks < hi
-            rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
-            x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
-                        other=0.0)
-            acc2 += w.to(tl.float32) * x[:, None]
-        tl.atomic_add(y_ptr + cols, tl.sum(acc2, axis=0), mask=col_in, sem="relaxed")
+        partial = _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in, BLOCK_K, BLOCK_N)
+        tl.atomic_add(y_ptr + cols, partial, mask=col_in, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,27 @@ class GemvConfig:
     num_warps: int = 8
     num_stages: int = 4
     programs_per_sm: int = 4  # split-K is chosen so that tiles x split ~ this many programs per SM
+
+
+@dataclass(frozen=True)
+class ColumnLayout:
+    """Where a group's 1-3 projections sit among its concatenated output columns, in tiles of ``block_n``.
+
+    ``ends`` are the projections' end columns and ``tile_starts`` the first tiles of the second and
+    third (both padded to the kernels' three projections; a missing one starts past the last tile).
+    """
+
+    ends: tuple[int, int, int]
+    tile_starts: tuple[int, int]
+    total_tiles: int
+
+    @classmethod
+    def of(cls, widths: list[int], block_n: int) -> "ColumnLayout":
+        ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+        tiles = [triton.cdiv(w, block_n) for w in widths]
+        starts = [sum(tiles[:i]) for i in range(len(tiles))]
+        never = sum(tiles) + 1
+        return cls(tuple((ends + [ends[-1]] * 3)[:3]), tuple((starts[1:] + [never, never])[:2]), sum(tiles))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -128,13 +167,8 @@ class GatherGemv:
         self.wt = wt
         self.config = config
         self.batch = batch
-        ends = [sum(widths[: i + 1]) for i in range(len(widths))]
-        tiles = [triton.cdiv(w, config.block_n) for w in widths]
-        starts = [sum(tiles[:i]) for i in range(len(tiles))]
-        total_tiles = sum(tiles)
-        never = total_tiles + 1
-        self.ends = (ends + [ends[-1]] * 3)[:3]
-        self.tile_starts = ((starts[1:] + [never, never])[:2])
+        self.layout = ColumnLayout.of(widths, config.block_n)
+        total_tiles = self.layout.total_tiles
         # split-K: enough programs to keep every SM streaming, but never slices shorter than one block
         programs = config.programs_per_sm * _sm_count(wt.device)
         longest = max(expected_rows) if expected_rows else wt.shape[0]
@@ -149,8 +183,7 @@ class GatherGemv:
         extra = {"launch_pdl": True} if self.pdl else {}
         _gather_gemv_kernel[self.grid](
             self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count, lists.cuts, lists.val.stride(0),
-            y, y.stride(0), self.batch, self.ends[0], self.ends[1], self.ends[2],
-            self.tile_starts[0], self.tile_starts[1],
+            y, y.stride(0), self.batch, *self.layout.ends, *self.layout.tile_starts,
             SPLIT=self.split, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=self.batch > 1, PDL=self.pdl,
             num_warps=c.num_warps, num_stages=c.num_stages, **extra,
