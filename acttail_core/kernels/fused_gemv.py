@@ -6,8 +6,8 @@ wait for that list's length and then its indices: on an H200 about a third of a 
 50% sparsity went to this. Here every program of the GEMV does the select itself, redundantly: the
 input is one row of 4-22 KB, so each program reads it from L2, runs the prologue (residual add +
 RMSNorm, or act(gate) * up) and the radix select of ``select._cuts`` in registers, and no program
-waits for another. What one program does alone costs latency, not bandwidth: the redundant reads
-are a few MB per step against 13 GB of weights.
+waits for another. The bet was that what one program does alone costs latency, not bandwidth (the
+redundant reads are a few MB per step against 13 GB of weights); the measurement below lost it.
 
 Load balance without a global list: program ``(c, r)`` of a ``(PC, PR)`` grid takes row share ``r``
 of every projection's kept list, i.e. the kept inputs whose rank (one prefix sum over the row, the
