@@ -134,6 +134,10 @@ class FusedPrologue:
     post_norm_weight: torch.Tensor | None = None
     has_delta: bool = False
 
+    def __post_init__(self) -> None:
+        if self.h is not None and self.h_out is not None and self.h.data_ptr() == self.h_out.data_ptr():
+            raise ValueError("the residual must be written to another buffer than the one every program reads")
+
 
 class FusedGemv:
     """One group's fused select + sparse GEMV for one sequence, launch geometry fixed up front.
@@ -161,7 +165,8 @@ class FusedGemv:
         while self.pr > 1 and self.pr * config.block_k > self.n_in:  # shares shorter than a block only add atomics
             self.pr //= 2
         # the whole input row lives in registers during the select: wide rows need more threads to hold it
-        self.warps = max(config.num_warps, min(16, triton.next_power_of_2(self.n_in) // 1024))
+        self.block = triton.next_power_of_2(self.n_in)
+        self.warps = max(config.num_warps, min(16, self.block // 1024))
         self.scratch = scratch
         scratch.require(self.pc * self.pr, triton.cdiv(self.n_in, self.pr))
 
@@ -169,9 +174,6 @@ class FusedGemv:
         """y [1, out] float32, zero on entry, += W x over each projection's kept inputs; ``zero`` [1, m] is zeroed."""
         c = self.config
         dummy = self.wt
-        block = triton.next_power_of_2(self.n_in)
-        if inputs.h is not None and inputs.h_out is not None and inputs.h.data_ptr() == inputs.h_out.data_ptr():
-            raise ValueError("the residual must be written to another buffer than the one every program reads")
         n_zero = zero.shape[1] if zero is not None else 0
         _fused_kernel[(self.pc, self.pr)](
             inputs.a if inputs.a is not None else dummy, inputs.b if inputs.b is not None else dummy,
@@ -185,7 +187,7 @@ class FusedGemv:
             *self.layout.ends, *self.layout.tile_starts, self.layout.total_tiles,
             MODE=self.mode, G=self.groups, PROLOGUE=inputs.prologue, HAS_DELTA=inputs.has_delta,
             POST_NORM=inputs.post_norm_weight is not None, STYLE=NORM_STYLES[self.style],
-            ACT=ACTIVATIONS[self.activation], PASSES=RADIX_PASSES[self.wt.dtype], BLOCK=block,
+            ACT=ACTIVATIONS[self.activation], PASSES=RADIX_PASSES[self.wt.dtype], BLOCK=self.block,
             PC=self.pc, PR=self.pr, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             ZERO_BLOCK=min(1024, triton.next_power_of_2(max(16, triton.cdiv(max(n_zero, 1), self.pc * self.pr)))),
             num_warps=self.warps, num_stages=c.num_stages,
