@@ -132,16 +132,20 @@ def select_micro(device: torch.device) -> list[dict]:
         lists = sel.CompactLists(groups, 1, n_cols, x.dtype, device)
         params = torch.full((groups,), n_cols // 2, dtype=torch.int32, device=device)
         block = 1 << (n_cols - 1).bit_length()
-        stages = [("prologue only", 0, False), ("+ cuts", 1, False), ("+ cuts + compaction", 1, True)]
-        for label, mode, compact in stages:
-            for warps in (4, 8, 16, 32):
+        if groups > 1:  # distinct k per projection, as an acttail budget has (equal k share one search)
+            params += torch.arange(groups, dtype=torch.int32, device=device) * 7
+        hints = sel.CutHints(device)
+        stages = [("prologue only", 0, False, 0), ("+ cuts", 1, False, 0), ("+ cuts + compaction", 1, True, 0)]
+        stages += [(f"+ hinted cuts ({w} bins) + compaction", 1, True, w) for w in (64, 128, 256)]
+        for label, mode, compact, window in stages:
+            for warps in (4, 8, 16):
                 def launch():
                     sel._select_kernel[(1,)](
                         x, x.stride(0), x, 0, x, 0, x, x, 1e-6, 1.0 / n_cols, x_out, x_out.stride(0), params,
-                        lists.cuts, lists.idx, lists.val, lists.count, x, 0, x, 0, 0, n_cols,
+                        lists.cuts, lists.idx, lists.val, lists.count, x, 0, x, 0, 0, n_cols, hints.values, hints.stats,
                         MODE=mode, G=groups, LISTS=True, COMPACT=compact, MASK_OUT=False, PROLOGUE=0, HAS_DELTA=False,
-                        POST_NORM=False, STYLE=0, ACT=0, PASSES=4, BLOCK=block, ZERO_BLOCK=16, PDL=False,
-                        num_warps=warps)
+                        POST_NORM=False, STYLE=0, ACT=0, PASSES=4, EXTRA=0, WINDOW=window, BLOCK=block, ZERO_BLOCK=16,
+                        PDL=False, num_warps=warps)
                 try:
                     launch()
                     graph = torch.cuda.CUDAGraph()
@@ -183,6 +187,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
+    parser.add_argument("--hint-windows", default="128",
+                        help="TopK hint windows (histogram bins; 0 = full search every time): the first for every "
+                             "configuration, the others for uniform and acttail at 0.5 and 0.8")
+    parser.add_argument("--pipeline-compare", action="store_true",
+                        help="also time uniform and acttail at 0.5 and 0.8 with the GEMV's hand-pipelined loads")
+    parser.add_argument("--threshold", default="", help="threshold-mode budgets to time (uniform sparsities)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -209,14 +219,16 @@ def main() -> None:
     print(f"{loaded.name} on {gpu}, {args.dtype}; built in {build_s:.1f} s; copy bandwidth "
           f"{result['copy_gbps']:.0f} GB/s", flush=True)
     projections = find_projections(loaded.model)
-    kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    windows = [int(w) for w in args.hint_windows.split(",")]
+    kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, hint_window=windows[0])
 
     def record(speed, note=""):
         row = speed.as_dict()
         row["note"] = note
         result["configurations"].append(row)
+        hits = f"hint hits {row['hint_hit_rate']:.3f}" if row["hint_hit_rate"] is not None else ""
         print(f"  {row['method']:<8} s={row['sparsity']:.3f} batch={row['batch']} {row['path']:<13} "
-              f"{row['tokens_per_s']:8.1f} tok/s  {row['achieved_gbps']:7.0f} GB/s {note}", flush=True)
+              f"{row['tokens_per_s']:8.1f} tok/s  {row['achieved_gbps']:7.0f} GB/s {note} {hits}", flush=True)
         return row
 
     def attempt(label, fn):
@@ -290,6 +302,31 @@ def main() -> None:
                 attempt(f"fused {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                     measure_decode(loaded, budget, weights=weights, gemv_config=fused_config, kernel="fused", **kw),
                     "kernel=fused (select inside every GEMV program)"))
+        compared = [b for b in budgets if round(b.effective_sparsity, 2) in (0.5, 0.8)]
+        for window in windows[1:]:
+            for budget in compared:
+                attempt(f"hint window {window} {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
+                    measure_decode(loaded, budget, weights=weights, gemv_config=config,
+                                   **{**kw, "hint_window": window}),
+                    f"hint window {window}" if window else "no hints: the full TopK search every token"))
+        if args.pipeline_compare:
+            piped = GemvConfig(**{**config.__dict__, "pipeline": not config.pipeline})
+            for budget in compared:
+                attempt(f"pipeline {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
+                    measure_decode(loaded, budget, weights=weights, gemv_config=piped, **kw),
+                    f"GEMV pipeline={piped.pipeline}"))
+        for sparsity in [float(v) for v in args.threshold.split(",") if v]:
+            def threshold_row(sparsity=sparsity):
+                from acttail_core.thresholds import budget_thresholds
+
+                budget = uniform_budget(projections, sparsity, loaded.name, loaded.fingerprint)
+                calib = torch.randint(0, loaded.model.get_input_embeddings().weight.shape[0], (4, 128),
+                                      generator=torch.Generator().manual_seed(1))
+                taus = budget_thresholds(loaded.model, budget, calib)
+                return record(measure_decode(loaded, budget, weights=weights, gemv_config=config, mode="threshold",
+                                             thresholds=taus, method="uniform-threshold", **kw),
+                              "threshold mode (thresholds fitted on 512 random tokens)")
+            attempt(f"threshold {sparsity}", threshold_row)
         pdl_rows = [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
         for budget in pdl_rows if args.pdl_compare else []:
             os.environ["ACTTAIL_PDL"] = "1"  # what programmatic dependent launch buys, same run
@@ -313,7 +350,7 @@ def main() -> None:
 
                 def run_profile(budget=budget):
                     decoder = Decoder(loaded, budget=budget, weights=weights if budget else None,
-                                      gemv_config=config, max_len=64)
+                                      gemv_config=config, max_len=64, hint_window=windows[0])
                     head = loaded.model.get_output_embeddings().weight
                     gemv_bytes = weight_bytes_per_step(loaded, budget) - head.numel() * head.element_size()
                     return profile(decoder, gemv_bytes, result["copy_gbps"])

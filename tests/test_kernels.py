@@ -28,6 +28,7 @@ from acttail_core.kernels.select import (  # noqa: E402
     PLAIN,
     RESIDUAL_NORM,
     CompactLists,
+    CutHints,
     select_group,
     threshold_param,
 )
@@ -47,13 +48,14 @@ def reference_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     return (a >= kth) & (a > 0)
 
 
-def run_select(x: torch.Tensor, params: list[int], mode: int = MODE_TOPK) -> CompactLists:
+def run_select(x: torch.Tensor, params: list[int], mode: int = MODE_TOPK,
+               hints: CutHints | None = None) -> CompactLists:
     lists = CompactLists(len(params), x.shape[0], x.shape[1], x.dtype, DEVICE)
     lists.idx.fill_(-7)
     lists.val.fill_(float("nan"))
     x_out = torch.full_like(x, float("nan"))
     select_group(prologue=PLAIN, a=x, x_out=x_out, mode=mode,
-                 params=torch.tensor(params, dtype=torch.int32, device=DEVICE), lists=lists)
+                 params=torch.tensor(params, dtype=torch.int32, device=DEVICE), lists=lists, hints=hints)
     assert torch.equal(x_out, x)
     return lists
 
@@ -109,6 +111,50 @@ def test_batch_reads_the_union_and_keeps_each_sequences_own_topk(dtype):
     ks = [17, 200, 513]
     lists = run_select(x, ks)
     check_lists(lists, x, [reference_keep(x, k) for k in ks])
+
+
+HINT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot here: the interpreter is faithful
+
+
+@pytest.mark.parametrize("dtype", HINT_DTYPES)
+@pytest.mark.parametrize("window", [16, 128])
+def test_hinted_cut_is_exact_whether_the_hint_holds_or_not(dtype, window):
+    """The window around the last cut gives the same lists as the full radix select: when the hint is
+    empty, when it is the exact cut, when the input moved a little (hits) and far (misses)."""
+    x = torch.randn(2, 700, device=DEVICE).to(dtype)
+    x[:, ::13] = 0.0
+    ks = [5, 350, 690]  # 690 exceeds the nonzero inputs: every nonzero is kept
+    hints = CutHints(DEVICE, window=window)
+    previous_misses = 0
+    for step, scale in enumerate([1.0, 1.0, 1.03, 8.0, 1 / 64]):
+        inputs = (x.float() * scale).to(dtype)
+        lists = run_select(inputs, ks, hints=hints)
+        check_lists(lists, inputs, [reference_keep(inputs, k) for k in ks])
+        cuts, misses = hints.stats.tolist()
+        assert cuts == 6 * (step + 1)
+        if step in (1, 2):  # the same input, then a 3% larger one: every cut is found in the window
+            assert misses == previous_misses
+        if step == 3:  # 8x larger: three binades (384 bf16 units) away from every hint
+            assert misses == previous_misses + 4  # (the all-kept cut of k = 690 stays 0 and still hits)
+        previous_misses = misses
+
+
+@pytest.mark.parametrize("dtype", HINT_DTYPES)
+def test_hinted_cut_keeps_ties_and_computes_equal_budgets_once(dtype):
+    values = torch.tensor([3.0, -3.0, 1.0, 3.0, 2.0, -2.0, 2.0, 0.5, 2.0, -0.25], device=DEVICE).to(dtype)
+    x = values[None, :]
+    hints = CutHints(DEVICE)
+    for _ in range(2):
+        lists = run_select(x, [4, 4, 2], hints=hints)  # q and k share k = 4: one search for both
+        assert lists.count.tolist() == [7, 7, 3]
+        check_lists(lists, x, [reference_keep(x, k) for k in (4, 4, 2)])
+    assert hints.stats.tolist()[0] == 4
+    assert hints.values[:, 0].tolist() == [torch.tensor(v).float().view(torch.int32).item() for v in (2.0, 0.0, 3.0)]
+
+
+def test_hint_window_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        CutHints(DEVICE, window=100)
 
 
 GUARD = 512  # elements after each output that a kernel must leave alone
@@ -205,14 +251,15 @@ def test_act_mul_prologue_and_zeroing(dtype, activation):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("widths", [[130], [96, 33, 33], [200, 70]])
-def test_gather_gemv_equals_dense_matmul_of_the_masked_input(dtype, batch, widths):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_gather_gemv_equals_dense_matmul_of_the_masked_input(dtype, batch, widths, pipeline):
     n_in = 257
     x = torch.randn(batch, n_in, device=DEVICE).to(dtype)
     ks = [0, 64, n_in][: len(widths)] if len(widths) > 1 else [40]
     lists = run_select(x, ks)
     weight = torch.randn(sum(widths), n_in, device=DEVICE).to(dtype)  # [out, in] as nn.Linear stores it
     wt = weight.t().contiguous()
-    config = GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=2)
+    config = GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=2, pipeline=pipeline)
     y = torch.full((batch, sum(widths)), 0.0, device=DEVICE)
     GatherGemv(wt, widths, ks, batch, config)(lists, y)
     start = 0
@@ -228,13 +275,15 @@ def test_gather_gemv_equals_dense_matmul_of_the_masked_input(dtype, batch, width
         start += width
 
 
-def test_gather_gemv_adds_to_what_is_there_and_splits_k():
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline):
     x = torch.randn(1, 1000, device=DEVICE)
     lists = run_select(x, [900])
     weight = torch.randn(64, 1000, device=DEVICE)
     base = torch.randn(1, 64, device=DEVICE)
     y = base.clone()
-    gemv = GatherGemv(weight.t().contiguous(), [64], [900], 1, GemvConfig(block_n=32, block_k=16, programs_per_sm=8))
+    gemv = GatherGemv(weight.t().contiguous(), [64], [900], 1,
+                      GemvConfig(block_n=32, block_k=16, programs_per_sm=8, pipeline=pipeline))
     assert gemv.split > 1
     gemv(lists, y)
     masked = torch.where(reference_keep(x, 900), x, torch.zeros_like(x))
@@ -409,7 +458,7 @@ from acttail_core.kernels.select import _select_kernel, _warps
 
 groups, prologue, block = json.loads(sys.argv[1])
 bf16 = ("h_ptr", "h_out_ptr", "w_ptr", "pw_ptr", "wt_ptr", "scratch_val_ptr", "x_ptr", "val_ptr", "xm_ptr")
-ints = ("param_ptr", "scratch_idx_ptr", "idx_ptr", "count_ptr", "cut_ptr")
+ints = ("param_ptr", "scratch_idx_ptr", "idx_ptr", "count_ptr", "cut_ptr", "hint_ptr", "stats_ptr")
 
 def build(fn, constexprs, num_warps):
     names = fn.arg_names
@@ -428,9 +477,9 @@ common = dict(MODE=1, G=groups, PROLOGUE=prologue, HAS_DELTA=True, POST_NORM=gro
 warps = _warps(block)
 build(_fused_kernel, {**common, "PC": 96, "PR": 2, "BLOCK_N": 128, "BLOCK_K": 64, "ZERO_BLOCK": 128}, warps)
 build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": False, "ZERO_BLOCK": 1024,
-                       "PDL": False}, warps)
+                       "PDL": False, "EXTRA": 0, "WINDOW": 128}, warps)
 build(_gather_gemv_kernel, {"SPLIT": 4, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_B": 16, "USE_DOT": groups == 1,
-                            "PDL": False}, 8)
+                            "PIPELINE": groups == 2, "PDL": False}, 8)
 """
 
 

@@ -77,7 +77,7 @@ def _fused_kernel(
     x = _prologue(0, cols_in, inside, a_ptr, 0, b_ptr, 0, h_ptr, 0, w_ptr, pw_ptr, eps, inv_n,
                   h_out_ptr, pid == 0, PROLOGUE, HAS_DELTA, POST_NORM, STYLE, ACT, DT)
     bits = tl.where(inside, tl.abs(x).to(tl.int32, bitcast=True), -1)
-    c0, c1, c2 = _cuts(bits, param_ptr, G, MODE, PASSES)
+    c0, c1, c2 = _cuts(bits, param_ptr, param_ptr, param_ptr, G, MODE, PASSES, 0, 0)  # no hints
 
     # every projection's rank of each kept input, from one prefix sum: int32 for one projection, else
     # int64 with a 21-bit field each (registers are what the row costs: keep the one-projection case narrow)
@@ -117,7 +117,7 @@ def _fused_kernel(
         n_rows = tl.where(which == 0, count0, tl.where(which == 1, count1, count2))
         list_base = (pid * 3 + which) * share_cap
         partial = _gather_rows(wt_ptr, stride_wk, scratch_idx_ptr + list_base, scratch_val_ptr + list_base, 0, n_rows,
-                               cols, col_in, BLOCK_K, BLOCK_N)
+                               cols, col_in, BLOCK_K, BLOCK_N, False)
         tl.atomic_add(y_ptr + cols, partial, mask=col_in, sem="relaxed")
 
 

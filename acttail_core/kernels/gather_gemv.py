@@ -47,22 +47,47 @@ def _tile_columns(tile, end0, end1, end2, tile1, tile2, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols, col_in, BLOCK_K: tl.constexpr):
+    """The kept rows start..start+BLOCK_K (those before ``hi``) of the list: their row indices and values."""
+    ks = start + tl.arange(0, BLOCK_K)
+    k_in = ks < hi
+    rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
+    x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+    return rows, x, k_in
+
+
+@triton.jit
 def _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
     """sum over list entries lo..hi of val * wt[idx, cols], for one sequence: [BLOCK_N] float32.
 
     Accumulates ``w * x`` elementwise and reduces once at the end (a batch of one gains nothing from
-    ``tl.dot``'s 16-row minimum).
+    ``tl.dot``'s 16-row minimum). A weight load's address depends on an index load, so a plain loop
+    waits for two memory round trips per block. ``PIPELINE`` staggers them by hand (Triton's
+    pipeliner does not take these indirect loads): the indices run two blocks ahead and the weights
+    one, so a block's weights are already in flight while the previous block is multiplied.
     """
     acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-    for start in range(lo, hi, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_in = ks < hi
-        rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
-        x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+    if PIPELINE:
+        rows, x, k_in = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in, BLOCK_K)
+        rows_next, x_next, k_in_next = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, lo + BLOCK_K, hi, cols,
+                                                     col_in, BLOCK_K)
         w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
                     other=0.0)
-        acc += w.to(tl.float32) * x[:, None]
+        for start in range(lo + 2 * BLOCK_K, hi + 2 * BLOCK_K, BLOCK_K):
+            rows_after, x_after, k_in_after = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols,
+                                                            col_in, BLOCK_K)
+            w_next = tl.load(wt_ptr + rows_next[:, None] * stride_wk + cols[None, :],
+                             mask=k_in_next[:, None] & col_in[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[:, None]
+            w, x = w_next, x_next
+            rows_next, x_next, k_in_next = rows_after, x_after, k_in_after
+    else:
+        for start in range(lo, hi, BLOCK_K):
+            rows, x, k_in = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols, col_in, BLOCK_K)
+            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * x[:, None]
     return tl.sum(acc, axis=0)
 
 
@@ -71,7 +96,7 @@ def _gather_gemv_kernel(
     wt_ptr, stride_wk, idx_ptr, val_ptr, count_ptr, cut_ptr, val_stride_b,
     y_ptr, stride_yb, n_rows, end0, end1, end2, tile1, tile2,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_DOT: tl.constexpr, PDL: tl.constexpr,
+    USE_DOT: tl.constexpr, PIPELINE: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_enter(PDL)
     tile = tl.program_id(0)
@@ -101,7 +126,7 @@ def _gather_gemv_kernel(
         tl.atomic_add(y_ptr + seqs[:, None] * stride_yb + cols[None, :], acc, mask=seq_in[:, None] & col_in[None, :],
                       sem="relaxed")
     else:
-        partial = _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in, BLOCK_K, BLOCK_N)
+        partial = _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in, BLOCK_K, BLOCK_N, PIPELINE)
         tl.atomic_add(y_ptr + cols, partial, mask=col_in, sem="relaxed")
 
 
@@ -114,6 +139,7 @@ class GemvConfig:
     num_warps: int = 8
     num_stages: int = 4
     programs_per_sm: int = 4  # split-K is chosen so that tiles x split ~ this many programs per SM
+    pipeline: bool = False  # batch 1: stagger index and weight loads by hand (``_gather_rows``)
 
 
 @dataclass(frozen=True)
@@ -185,6 +211,7 @@ class GatherGemv:
             self.wt, self.wt.stride(0), lists.idx, lists.val, lists.count, lists.cuts, lists.val.stride(0),
             y, y.stride(0), self.batch, *self.layout.ends, *self.layout.tile_starts,
             SPLIT=self.split, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=self.batch > 1, PDL=self.pdl,
+            BLOCK_B=max(16, triton.next_power_of_2(self.batch)), USE_DOT=self.batch > 1, PIPELINE=c.pipeline,
+            PDL=self.pdl,
             num_warps=c.num_warps, num_stages=c.num_stages, **extra,
         )

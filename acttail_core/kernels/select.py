@@ -12,7 +12,11 @@ one program per sequence of the batch and does, in registers:
    radix search over the float's bit pattern (for non-negative IEEE floats the integer order is the
    value order, so the k-th largest magnitude is the largest pattern T with ``count(bits >= T) >= k``,
    settled one bit at a time from the top: 15 steps for bf16). Entries tied with the k-th value are
-   all kept, as ``|x| >= kth`` masking does. Threshold mode (TEAL) keeps ``|x| > tau``.
+   all kept, as ``|x| >= kth`` masking does. Threshold mode (TEAL) keeps ``|x| > tau``. With
+   ``CutHints`` the search starts at the last token's cut: one histogram over a window around it
+   settles the cut whenever it lies inside (on real models 85-95% of searches with 128 bins,
+   bench/hint_hit_rate.py), and the full search runs when it does not; the result is the same.
+   Projections of a group with equal k (uniform budgets) share one search.
 3. compaction into ONE list shared by the group: the kept sets of one input are nested (a larger k
    keeps a superset), so the inputs are written ordered by how many projections keep them - those
    kept by every projection first - and each projection reads a prefix of the list. One prefix sum
@@ -49,6 +53,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 MODE_DENSE, MODE_TOPK, MODE_THRESHOLD = 0, 1, 2
 # 4-bit digit passes that cover every bit the dtype can set after an exact up-cast to float32.
 RADIX_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}
+# 4-bit passes after the hinted window's 16-bit units: the bits of the up-cast pattern below bit 16
+WINDOW_EXTRA_PASSES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 KEEP_NOTHING = tl.constexpr(2**31 - 1)  # a cut no magnitude reaches (k = 0)
 
 
@@ -148,19 +154,78 @@ def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
 
 
 @triton.jit
-def _cuts(bits, param_ptr, G: tl.constexpr, MODE: tl.constexpr, PASSES: tl.constexpr):
-    """Per projection of the group, the bit pattern from which an input is kept (never below 1: zeros stay out)."""
-    if MODE == 1:
-        hist0 = tl.histogram(bits >> 27, 16, mask=bits >= 0)
+def _window_cut(bits, k, hint, WINDOW: tl.constexpr, EXTRA: tl.constexpr):
+    """The k-th largest magnitude in one pass when it lies near ``hint``: (cut, hit).
+
+    A ``WINDOW``-bin histogram: bin 0 counts the inputs below the window, the middle bins
+    WINDOW - 2 consecutive 16-bit units (bf16's whole pattern) from ``hint``'s unit - (WINDOW/2 - 1),
+    the last bin those above. If fewer than k lie above and at least k at or above the window's
+    bottom, the k-th lies inside and its unit is the highest bin whose count from the top reaches k;
+    ``EXTRA`` 4-bit passes settle the bits below the unit (fp16: 1, fp32: 4; bf16 has none).
+    Otherwise ``hit`` is false and the cut is meaningless.
+    """
+    bins = tl.arange(0, WINDOW)
+    lo = tl.maximum((hint >> 16) - (WINDOW // 2 - 1), 0)
+    hist = tl.histogram(tl.minimum(tl.maximum((bits >> 16) - lo + 1, 0), WINDOW - 1), WINDOW, mask=bits >= 0)
+    from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    above = tl.sum(tl.where(bins == WINDOW - 1, hist, 0), axis=0)
+    from_bottom = tl.sum(tl.where(bins == 1, from_top, 0), axis=0)
+    hit = (above < k) & (from_bottom >= k)
+    digit = tl.max(tl.where((from_top >= k) & (bins < WINDOW - 1), bins, 0), axis=0)
+    remaining = k - tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+    cut = (lo + digit - 1) << 16
+    digits = tl.arange(0, 16)
+    for q in tl.static_range(EXTRA):
+        shift = 12 - 4 * q
+        in_prefix = ((bits >> (shift + 4)) == (cut >> (shift + 4))) & (bits >= 0)
+        h = tl.histogram((bits >> shift) & 15, 16, mask=in_prefix)
+        top = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+        d = tl.max(tl.where(top >= remaining, digits, -1), axis=0)
+        remaining -= tl.sum(tl.where(digits > d, h, 0), axis=0)
+        cut = cut | (tl.maximum(d, 0) << shift)
+    return cut, hit
+
+
+@triton.jit
+def _one_cut(bits, k, hint_ptr, stats_ptr, PASSES: tl.constexpr, EXTRA: tl.constexpr, WINDOW: tl.constexpr):
+    """TopK's cut for one projection: the hinted window when it holds, else the full radix select."""
+    if WINDOW > 0:
+        cut, hit = _window_cut(bits, k, tl.load(hint_ptr), WINDOW, EXTRA)
+        if not hit:
+            cut = _topk_cut(bits, k, tl.histogram(bits >> 27, 16, mask=bits >= 0), PASSES)
+            tl.atomic_add(stats_ptr + 1, 1, sem="relaxed")
+        tl.atomic_add(stats_ptr, 1, sem="relaxed")
+        tl.store(hint_ptr, cut)
+    else:
+        cut = _topk_cut(bits, k, tl.histogram(bits >> 27, 16, mask=bits >= 0), PASSES)
+    return cut
+
+
+@triton.jit
+def _cuts(bits, param_ptr, hint_ptr, stats_ptr, G: tl.constexpr, MODE: tl.constexpr, PASSES: tl.constexpr,
+          EXTRA: tl.constexpr, WINDOW: tl.constexpr):
+    """Per projection of the group, the bit pattern from which an input is kept (never below 1: zeros stay out).
+
+    A projection with the same k as the one before it reuses its cut (uniform budgets: q, k and v).
+    ``hint_ptr`` points at this sequence's [3 x 64] hints (projection g at g * 64); ``WINDOW`` = 0: no hints.
+    """
     c0 = tl.full((), KEEP_NOTHING, tl.int32)
     c1 = tl.full((), KEEP_NOTHING, tl.int32)
     c2 = tl.full((), KEEP_NOTHING, tl.int32)
+    last_param = tl.full((), -1, tl.int32)
+    last_cut = tl.full((), KEEP_NOTHING, tl.int32)
     for g in tl.static_range(G):
         param = tl.load(param_ptr + g)
         if MODE == 1:
-            cut = tl.where(param > 0, _topk_cut(bits, param, hist0, PASSES), KEEP_NOTHING)
+            cut = last_cut
+            if param != last_param:
+                cut = tl.full((), KEEP_NOTHING, tl.int32)
+                if param > 0:
+                    cut = _one_cut(bits, param, hint_ptr + g * 64, stats_ptr, PASSES, EXTRA, WINDOW)
         else:  # threshold mode: the parameter already is the threshold's bit pattern + 1
             cut = param
+        last_param = param
+        last_cut = cut
         cut = tl.maximum(cut, 1)
         if g == 0:
             c0 = cut
@@ -213,10 +278,11 @@ def _unpack(packed, cats):
 def _select_kernel(
     a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stride, w_ptr, pw_ptr, eps, inv_n,
     x_ptr, x_stride, param_ptr, cut_ptr, idx_ptr, val_ptr, count_ptr, xm_ptr, xm_stride_g,
-    zero_ptr, zero_stride, n_zero, n_cols,
+    zero_ptr, zero_stride, n_zero, n_cols, hint_ptr, stats_ptr,
     MODE: tl.constexpr, G: tl.constexpr, LISTS: tl.constexpr, COMPACT: tl.constexpr, MASK_OUT: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_DELTA: tl.constexpr, POST_NORM: tl.constexpr, STYLE: tl.constexpr,
-    ACT: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    ACT: tl.constexpr, PASSES: tl.constexpr, EXTRA: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_enter(PDL)
     row = tl.program_id(0)
@@ -232,7 +298,7 @@ def _select_kernel(
             tl.store(zero_ptr + row * zero_stride + offs, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs < n_zero)
     if MODE != 0:
         bits = tl.where(inside, tl.abs(x).to(tl.int32, bitcast=True), -1)
-        c0, c1, c2 = _cuts(bits, param_ptr, G, MODE, PASSES)
+        c0, c1, c2 = _cuts(bits, param_ptr, hint_ptr + row, stats_ptr, G, MODE, PASSES, EXTRA, WINDOW)
         if LISTS:  # the union sweep reads every sequence's cuts; without lists there is no buffer for them
             tl.store(cut_ptr + row, c0)
             if G > 1:
@@ -335,6 +401,26 @@ class CompactLists:
         self.cuts = torch.zeros(3, self.MAX_BATCH, dtype=torch.int32, device=device)
 
 
+class CutHints:
+    """Where one group of one layer starts the next token's TopK search: each sequence's last cut.
+
+    A projection's k-th largest magnitude moves little from one token to the next, so the select
+    first tries a window around the last cut (``_window_cut``: one histogram pass instead of four)
+    and runs the full radix select only when the cut left the window; the result is exact either
+    way. ``values`` [3, 64] int32 holds the cut bits of projection g, sequence b at [g, b]; ``stats``
+    [2] int32 (one per decoder, shared by its hints) counts the hinted cuts and the misses. ``window``
+    is the histogram's bins (a power of two, 8 or more): its middle bins span window - 2 bf16 units
+    (1/128 of a binade each) around the last cut.
+    """
+
+    def __init__(self, device: torch.device, stats: torch.Tensor | None = None, window: int = 128) -> None:
+        if window < 8 or window & (window - 1):
+            raise ValueError(f"the hint window must be a power of two of at least 8 bins, got {window}")
+        self.window = window
+        self.values = torch.zeros(3, CompactLists.MAX_BATCH, dtype=torch.int32, device=device)
+        self.stats = stats if stats is not None else torch.zeros(2, dtype=torch.int32, device=device)
+
+
 def select_group(
     *,
     prologue: int,
@@ -353,6 +439,7 @@ def select_group(
     lists: CompactLists | None = None,
     zero: torch.Tensor | None = None,
     masked_out: torch.Tensor | None = None,
+    hints: CutHints | None = None,
 ) -> None:
     """Run the prologue for every sequence of the batch and, unless ``mode`` is dense, fill ``lists``.
 
@@ -360,7 +447,7 @@ def select_group(
     union sweep's source). ``params`` [G] int32 holds each projection's k (TopK) or its threshold's
     float32 bit pattern + 1 (threshold mode). ``zero`` [B, m] float32 is zeroed for the GEMV that
     accumulates into it. ``masked_out`` [G, B, n] (instead of ``lists``) receives every projection's
-    own masked input, for dense GEMMs.
+    own masked input, for dense GEMMs. ``hints`` (TopK only) start each cut's search at the last token's.
     """
     n_rows, n_cols = x_out.shape
     block = triton.next_power_of_2(n_cols)
@@ -385,9 +472,12 @@ def select_group(
         masked_out if masked_out is not None else dummy, masked_out.stride(0) if masked_out is not None else 0,
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         zero.shape[1] if zero is not None else 0, n_cols,
+        hints.values if hints is not None else dummy, hints.stats if hints is not None else dummy,
         MODE=mode, G=groups, LISTS=lists is not None, COMPACT=compact, MASK_OUT=masked_out is not None,
         PROLOGUE=prologue, HAS_DELTA=has_delta, POST_NORM=post_norm_weight is not None,
-        STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype], BLOCK=block,
+        STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype],
+        EXTRA=WINDOW_EXTRA_PASSES[x_out.dtype], WINDOW=hints.window if hints is not None and mode == MODE_TOPK else 0,
+        BLOCK=block,
         ZERO_BLOCK=min(4096, triton.next_power_of_2(max(zero.shape[1], 16))) if zero is not None else 16,
         PDL=pdl, num_warps=_warps(block), **extra,
     )
