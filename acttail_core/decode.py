@@ -47,6 +47,7 @@ from .errors import ActTailError
 from .kernels.attention import decode_attention
 from .kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch
 from .kernels.gather_gemv import GatherGemv, GemvConfig, default_config
+from .kernels.slice_gemv import SliceGemv, SliceScratch
 from .kernels.select import (
     ACT_MUL,
     MODE_DENSE,
@@ -263,8 +264,8 @@ class Decoder:
             raise ActTailError(f"cannot use the sparse decode kernels: {why}")
         if mode not in ("topk", "threshold"):
             raise ActTailError(f"unknown sparsity mode {mode!r}; choose topk or threshold")
-        if kernel not in ("auto", "fused", "gather", "masked"):
-            raise ActTailError(f"unknown kernel {kernel!r}; choose auto, fused, gather or masked")
+        if kernel not in ("auto", "fused", "gather", "masked", "slice"):
+            raise ActTailError(f"unknown kernel {kernel!r}; choose auto, fused, gather, masked or slice")
         if budget is None:
             self.kind = "dense"
         elif kernel == "auto":
@@ -272,9 +273,9 @@ class Decoder:
             self.kind = "gather" if batch == 1 or union <= 0.7 else "masked"
         else:
             self.kind = kernel
-        if self.kind == "fused" and batch != 1:
-            raise ActTailError(f"the fused kernel decodes one sequence; batch {batch} needs gather or masked")
-        if self.kind in ("gather", "fused") and weights is None:
+        if self.kind in ("fused", "slice") and batch != 1:
+            raise ActTailError(f"the {self.kind} kernel decodes one sequence; batch {batch} needs gather or masked")
+        if self.kind in ("gather", "fused", "slice") and weights is None:
             raise ActTailError(f"the {self.kind} kernel needs the weights of input_major(model)")
         if batch < 1 or batch > CompactLists.MAX_BATCH:
             raise ActTailError(f"batch must be 1 to {CompactLists.MAX_BATCH}, got {batch}")
@@ -331,7 +332,7 @@ class Decoder:
         self.k_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         inputs = {"qkv": d, "o": q_width, "gate_up": d, "down": self.inter}
-        if self.kind in ("gather", "fused"):  # one float32 accumulator per group: the sparse GEMVs add with atomics
+        if self.kind in ("gather", "fused", "slice"):  # one float32 accumulator per group: GEMVs add with atomics
             self.out = {g: torch.zeros(batch, sum(w), dtype=torch.float32, device=dev) for g, w in self.widths.items()}
             self.parts = {g: list(self.out[g].split(w, dim=1)) for g, w in self.widths.items()}
         else:  # one buffer per projection: cuBLAS writes each output contiguously
@@ -347,7 +348,13 @@ class Decoder:
         self.hints = {
             (index, g): CutHints(dev, self.hint_stats, hint_window)
             for index in range(len(self.layers)) for g, _ in GROUPS
-        } if hint_window and self.mode == MODE_TOPK and self.kind in ("gather", "masked") else {}
+        } if hint_window and self.mode == MODE_TOPK and self.kind in ("gather", "masked", "slice") else {}
+        if self.kind == "slice":
+            self.lists = {g: CompactLists(len(types), batch, 1, dt, dev) for g, types in GROUPS}  # cuts only
+            config_ = gemv_config or default_config(dev)
+            scratch = SliceScratch(dt, dev)
+            self.gemvs = [{group: SliceGemv(groups[group], self.widths[group], scratch, config_) for group, _ in GROUPS}
+                          for groups in weights.groups]
         if self.kind == "gather":
             keeps = budget_params(loaded, budget, "topk", None)  # the rows the budget expects each projection to read
             self.lists = {g: CompactLists(len(types), batch, inputs[g], dt, dev) for g, types in GROUPS}
@@ -379,9 +386,9 @@ class Decoder:
     # ------------------------------------------------------------------ one step
     def _select(self, group: str, layer: int, **kwargs) -> Callable[[], None]:
         g_index = [g for g, _ in GROUPS].index(group)
-        if self.kind == "gather":
+        if self.kind in ("gather", "slice"):
             kwargs.update(mode=self.mode, params=self.params[layer, g_index], lists=self.lists[group],
-                          zero=self.out[group], hints=self.hints.get((layer, group)))
+                          zero=self.out[group], hints=self.hints.get((layer, group)), compact=self.kind == "gather")
         elif self.kind == "masked":
             kwargs.update(mode=self.mode, params=self.params[layer, g_index], masked_out=self.masked[group],
                           hints=self.hints.get((layer, group)))
@@ -393,6 +400,8 @@ class Decoder:
     def _gemv(self, group: str, layer: int, x: torch.Tensor) -> Callable[[], None]:
         if self.kind == "gather":
             return partial(self.gemvs[layer][group], self.lists[group], self.out[group])
+        if self.kind == "slice":
+            return partial(self.gemvs[layer][group], x, self.lists[group], self.out[group])
         modules = _projection_modules(self.layers[layer])
         types = dict(GROUPS)[group]
         inputs = list(self.masked[group]) if self.kind == "masked" else [x] * len(types)
@@ -493,7 +502,7 @@ class Decoder:
 
     def _qkv_biases(self, attn: nn.Module) -> dict:
         """The sparse GEMVs leave float32 sums, to which attention adds the biases; cuBLAS already added them."""
-        if self.kind not in ("gather", "fused"):
+        if self.kind not in ("gather", "fused", "slice"):
             return {}
         return {"q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias}
 
@@ -648,13 +657,13 @@ def measure_decode(
     del decoder
     gc.collect()  # the step's launches refer back to the decoder: free its graph and buffers now
     median = statistics.median(runs)
-    step_bytes = weight_bytes_per_step(loaded, budget if kind in ("gather", "fused") else None)
+    step_bytes = weight_bytes_per_step(loaded, budget if kind in ("gather", "fused", "slice") else None)
     return DecodeSpeed(
         method=method or ("dense" if budget is None else budget.method),
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),
         batch=batch,
         path={"dense": "dense-graph", "fused": "sparse-fused", "gather": "sparse-gather",
-              "masked": "sparse-masked"}[kind],
+              "masked": "sparse-masked", "slice": "sparse-slice"}[kind],
         tokens_per_s=median,
         runs=runs,
         weight_bytes_per_step=step_bytes,

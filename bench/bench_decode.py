@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="the batched comparison (dense vs uniform 0.5)")
     parser.add_argument("--sweep", action="store_true", help="time GEMV tile configurations first, keep the best")
     parser.add_argument("--fused-sweep", action="store_true", help="time the fused kernel's grids first, keep the best")
-    parser.add_argument("--kernels", default="gather,fused", help="batch-1 sparse paths to time (gather, fused)")
+    parser.add_argument("--kernels", default="gather,slice,fused",
+                        help="batch-1 sparse paths to time (gather, slice, fused)")
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
@@ -297,6 +298,10 @@ def main() -> None:
         for budget in budgets if "gather" in kernels else []:  # batch 1: auto is the gather kernel
             attempt(f"{budget.method} {budget.effective_sparsity:.2f}", lambda: record(
                 measure_decode(loaded, budget, weights=weights, gemv_config=config, **kw)))
+        for budget in budgets if "slice" in kernels else []:  # compaction inside the GEMV programs
+            attempt(f"slice {budget.method} {budget.effective_sparsity:.2f}", lambda: record(
+                measure_decode(loaded, budget, weights=weights, gemv_config=config, kernel="slice", **kw),
+                "kernel=slice (each GEMV program compacts its own rows)"))
         for budget in budgets if "fused" in kernels else []:  # the one-kernel-per-group path, same budgets
             if budget.method != "uniform" or round(budget.effective_sparsity, 3) in (0.5, 0.8):
                 attempt(f"fused {budget.method} {budget.effective_sparsity:.2f}", lambda: record(

@@ -85,11 +85,12 @@ def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=Non
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype,batch", [(torch.float32, 2), (torch.float16, 1)])
-@pytest.mark.parametrize("variant", ["dense", "topk", "threshold", "topk-masked", "topk-fused", "threshold-fused"])
+@pytest.mark.parametrize("variant", ["dense", "topk", "threshold", "topk-masked", "topk-fused", "threshold-fused",
+                                     "topk-slice", "threshold-slice"])
 def test_fused_decode_matches_the_masked_reference(family, dtype, batch, variant):
     kernel = variant.split("-")[1] if "-" in variant else "gather"
-    if kernel == "fused":
-        batch = 1  # the fused kernel decodes one sequence
+    if kernel in ("fused", "slice"):
+        batch = 1  # the fused and slice kernels decode one sequence
     model = build(family, dtype)
     loaded = from_module(model, None, name=family)
     prompt = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(1))
@@ -182,6 +183,8 @@ def test_auto_kernel_masks_when_the_batch_union_is_nearly_dense():
     assert kinds == {(1, 0.5): "gather", (2, 0.8): "gather", (4, 0.5): "masked"}
     with input_major(loaded.model) as weights, pytest.raises(ActTailError, match="one sequence"):
         Decoder(loaded, batch=2, budget=nonuniform_budget(loaded), weights=weights, kernel="fused")
+    with pytest.raises(ActTailError, match="one sequence"), input_major(loaded.model) as weights:
+        Decoder(loaded, batch=2, budget=nonuniform_budget(loaded), weights=weights, kernel="slice")
 
 
 def test_sequence_longer_than_max_len_is_refused():

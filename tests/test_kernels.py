@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="the sparse decode kernels need the triton 
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
+from acttail_core.kernels.slice_gemv import SliceGemv, SliceScratch  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
     ACT_MUL,
     MODE_THRESHOLD,
@@ -290,6 +291,36 @@ def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline):
     torch.testing.assert_close(y, base + masked @ weight.t(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("widths,ks", [([130], [40]), ([96, 33, 33], [0, 64, 257]), ([200, 70], [1, 256])])
+@pytest.mark.parametrize("programs_per_sm,pipeline", [(1, False), (32, True)])
+def test_slice_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, widths, ks, programs_per_sm,
+                                                                         pipeline):
+    n_in = 257  # not a multiple of any block; with 32 programs per SM the rows split into slices
+    x = torch.randn(1, n_in, device=DEVICE).to(dtype)
+    x[0, ::17] = 0.0
+    lists = CompactLists(len(ks), 1, 1, dtype, DEVICE)
+    x_out = torch.full_like(x, float("nan"))
+    select_group(prologue=PLAIN, a=x, x_out=x_out, mode=MODE_TOPK, lists=lists, compact=False,
+                 params=torch.tensor(ks, dtype=torch.int32, device=DEVICE))
+    weight = torch.randn(sum(widths), n_in, device=DEVICE).to(dtype)
+    config = GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm,
+                        pipeline=pipeline)
+    gemv = SliceGemv(weight.t().contiguous(), widths, SliceScratch(dtype, DEVICE), config)
+    assert (gemv.split > 1) == (programs_per_sm > 1)
+    base = torch.randn(1, sum(widths), device=DEVICE)
+    y = base.clone()
+    gemv(x_out, lists, y)
+    start = 0
+    for width, k in zip(widths, ks):
+        masked = torch.where(reference_keep(x, k), x, torch.zeros_like(x)).double()
+        expected = masked @ weight[start : start + width].double().t() + base[:, start : start + width].double()
+        got = y[:, start : start + width].double()
+        err = (got - expected).norm() / expected.norm()
+        assert err < (1e-6 if dtype == torch.float32 else 1e-3), err
+        start += width
+
+
 def test_gather_gemv_refuses_row_major_weights_and_bad_widths():
     weight = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError):
@@ -455,6 +486,7 @@ from triton.compiler import ASTSource
 from acttail_core.kernels.fused_gemv import _fused_kernel
 from acttail_core.kernels.gather_gemv import _gather_gemv_kernel
 from acttail_core.kernels.select import _select_kernel, _warps
+from acttail_core.kernels.slice_gemv import _slice_gemv_kernel
 
 groups, prologue, block = json.loads(sys.argv[1])
 bf16 = ("h_ptr", "h_out_ptr", "w_ptr", "pw_ptr", "wt_ptr", "scratch_val_ptr", "x_ptr", "val_ptr", "xm_ptr")
@@ -480,6 +512,8 @@ build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": Fal
                        "PDL": False, "EXTRA": 0, "WINDOW": 128}, warps)
 build(_gather_gemv_kernel, {"SPLIT": 4, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_B": 16, "USE_DOT": groups == 1,
                             "PIPELINE": groups == 2, "PDL": False}, 8)
+build(_slice_gemv_kernel, {"SPLIT": 8, "SLICE": 512 if block == 4096 else 1024, "BLOCK_N": 128, "BLOCK_K": 64,
+                           "PIPELINE": groups != 2, "PDL": False}, 8)
 """
 
 

@@ -440,6 +440,7 @@ def select_group(
     zero: torch.Tensor | None = None,
     masked_out: torch.Tensor | None = None,
     hints: CutHints | None = None,
+    compact: bool = True,
 ) -> None:
     """Run the prologue for every sequence of the batch and, unless ``mode`` is dense, fill ``lists``.
 
@@ -448,12 +449,14 @@ def select_group(
     float32 bit pattern + 1 (threshold mode). ``zero`` [B, m] float32 is zeroed for the GEMV that
     accumulates into it. ``masked_out`` [G, B, n] (instead of ``lists``) receives every projection's
     own masked input, for dense GEMMs. ``hints`` (TopK only) start each cut's search at the last token's.
+    ``compact=False`` writes only the cuts to ``lists.cuts`` (for ``slice_gemv``, which compacts itself).
     """
     n_rows, n_cols = x_out.shape
     block = triton.next_power_of_2(n_cols)
     dummy = x_out
     groups = lists.groups if lists is not None else (masked_out.shape[0] if masked_out is not None else 1)
-    compact = lists is not None and n_rows == 1
+    union = compact and lists is not None and n_rows > 1
+    compact = compact and lists is not None and n_rows == 1
     pdl = use_pdl(x_out.device)
     extra = {"launch_pdl": True} if pdl else {}
     _select_kernel[(n_rows,)](
@@ -481,7 +484,7 @@ def select_group(
         ZERO_BLOCK=min(4096, triton.next_power_of_2(max(zero.shape[1], 16))) if zero is not None else 16,
         PDL=pdl, num_warps=_warps(block), **extra,
     )
-    if lists is not None and not compact:
+    if union:
         _union_compact_kernel[(1,)](
             x_out, x_out.stride(0), params, lists.cuts, lists.idx, lists.val, lists.count, lists.val.stride(0),
             n_rows, n_cols, G=groups, MODE=mode, BLOCK_B=triton.next_power_of_2(n_rows),
