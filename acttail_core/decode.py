@@ -47,7 +47,6 @@ from .errors import ActTailError
 from .kernels.attention import decode_attention
 from .kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch
 from .kernels.gather_gemv import GatherGemv, GemvConfig, default_config
-from .kernels.slice_gemv import SliceGemv, SliceScratch
 from .kernels.select import (
     ACT_MUL,
     MODE_DENSE,
@@ -60,6 +59,7 @@ from .kernels.select import (
     select_group,
     threshold_param,
 )
+from .kernels.slice_gemv import SliceGemv, SliceScratch
 from .models import LoadedModel
 from .projections import decoder_layers
 

@@ -138,7 +138,7 @@ def select_micro(device: torch.device) -> list[dict]:
         stages = [("prologue only", 0, False, 0), ("+ cuts", 1, False, 0), ("+ cuts + compaction", 1, True, 0)]
         stages += [(f"+ hinted cuts ({w} bins) + compaction", 1, True, w) for w in (64, 128, 256)]
         for label, mode, compact, window in stages:
-            for warps in (4, 8, 16):
+            for warps in (8, 16):
                 def launch():
                     sel._select_kernel[(1,)](
                         x, x.stride(0), x, 0, x, 0, x, x, 1e-6, 1.0 / n_cols, x_out, x_out.stride(0), params,
@@ -349,12 +349,13 @@ def main() -> None:
                     f"kernel={kernel}"))
         if args.profile and device.type == "cuda":
             result["profile"] = {}
-            chosen = [None] + [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
-            for budget in chosen:
-                label = "dense" if budget is None else f"uniform {budget.effective_sparsity:.1f}"
+            chosen = [(None, "auto")] + [(b, k) for b in budgets if b.method == "uniform"
+                                         and b.effective_sparsity in (0.5, 0.8) for k in ("gather", "slice")]
+            for budget, kernel in chosen:
+                label = "dense" if budget is None else f"uniform {budget.effective_sparsity:.1f} {kernel}"
 
-                def run_profile(budget=budget):
-                    decoder = Decoder(loaded, budget=budget, weights=weights if budget else None,
+                def run_profile(budget=budget, kernel=kernel):
+                    decoder = Decoder(loaded, budget=budget, weights=weights if budget else None, kernel=kernel,
                                       gemv_config=config, max_len=64, hint_window=windows[0])
                     head = loaded.model.get_output_embeddings().weight
                     gemv_bytes = weight_bytes_per_step(loaded, budget) - head.numel() * head.element_size()

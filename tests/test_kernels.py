@@ -21,7 +21,6 @@ pytest.importorskip("triton", reason="the sparse decode kernels need the triton 
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
-from acttail_core.kernels.slice_gemv import SliceGemv, SliceScratch  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
     ACT_MUL,
     MODE_THRESHOLD,
@@ -33,6 +32,7 @@ from acttail_core.kernels.select import (  # noqa: E402
     select_group,
     threshold_param,
 )
+from acttail_core.kernels.slice_gemv import SliceGemv, SliceScratch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
