@@ -46,9 +46,11 @@ PRESETS = {
     "tiny": (128, 320, 2, 4, 2, 512),
 }
 # tiles (block_n, block_k, warps, stages) were swept first (128 x 64, 8 warps, 4 stages won over 128 x 32,
-# 256 x 32, 64 x 64 and 4 warps); this sweep asks how many programs per SM the split-K should aim for
-SWEEP = [GemvConfig(n, k, w, s, p) for n, k, w, s, p in [
-    (128, 64, 8, 4, 4), (128, 64, 8, 4, 2), (128, 64, 8, 4, 8), (128, 32, 8, 4, 8),
+# 256 x 32, 64 x 64 and 4 warps), then programs per SM (4 won over 2 and 8); this sweep asks whether the
+# hand-pipelined loads and split-K without power-of-two rounding (fewer programs than slots) pay
+SWEEP = [GemvConfig(n, k, w, s, p, pipe, pow2) for n, k, w, s, p, pipe, pow2 in [
+    (128, 64, 8, 4, 4, False, True), (128, 64, 8, 4, 4, True, True), (128, 64, 8, 4, 4, False, False),
+    (128, 64, 8, 4, 4, True, False), (128, 32, 8, 4, 4, True, True),
 ]]
 # the fused kernel's grid: programs per SM sets how many programs repeat the select (and split the rows)
 FUSED_SWEEP = [GemvConfig(n, k, w, s, p) for n, k, w, s, p in [

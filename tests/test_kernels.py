@@ -276,16 +276,16 @@ def test_gather_gemv_equals_dense_matmul_of_the_masked_input(dtype, batch, width
         start += width
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline):
+@pytest.mark.parametrize("pipeline,pow2_split", [(False, True), (True, False)])
+def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline, pow2_split):
     x = torch.randn(1, 1000, device=DEVICE)
     lists = run_select(x, [900])
     weight = torch.randn(64, 1000, device=DEVICE)
     base = torch.randn(1, 64, device=DEVICE)
     y = base.clone()
     gemv = GatherGemv(weight.t().contiguous(), [64], [900], 1,
-                      GemvConfig(block_n=32, block_k=16, programs_per_sm=8, pipeline=pipeline))
-    assert gemv.split > 1
+                      GemvConfig(block_n=32, block_k=16, programs_per_sm=10, pipeline=pipeline, pow2_split=pow2_split))
+    assert gemv.split == (8 if pow2_split else 5)  # 10 programs over 2 column tiles
     gemv(lists, y)
     masked = torch.where(reference_keep(x, 900), x, torch.zeros_like(x))
     torch.testing.assert_close(y, base + masked @ weight.t(), atol=1e-4, rtol=1e-4)

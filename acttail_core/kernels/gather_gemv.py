@@ -140,6 +140,7 @@ class GemvConfig:
     num_stages: int = 4
     programs_per_sm: int = 4  # split-K is chosen so that tiles x split ~ this many programs per SM
     pipeline: bool = False  # batch 1: stagger index and weight loads by hand (``_gather_rows``)
+    pow2_split: bool = True  # round split-K up to a power of two (fewer compiled variants, more programs)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class GatherGemv:
         programs = config.programs_per_sm * _sm_count(wt.device)
         longest = max(expected_rows) if expected_rows else wt.shape[0]
         split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(max(longest, 1), config.block_k)))
-        self.split = triton.next_power_of_2(split) if split > 1 else 1
+        self.split = triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
         self.grid = (total_tiles, self.split)
         self.pdl = use_pdl(wt.device)
 

@@ -88,7 +88,7 @@ class SliceGemv:
         # split-K as gather_gemv aims it, over all rows: a slice is short enough to rank in registers
         programs = config.programs_per_sm * _sm_count(wt.device)
         split = max(1, min(programs // max(tiles, 1), triton.cdiv(n_in, config.block_k)))
-        self.split = triton.next_power_of_2(split) if split > 1 else 1
+        self.split = triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
         self.slice = triton.next_power_of_2(triton.cdiv(n_in, self.split))
         self.grid = (tiles, self.split)
         scratch.reserve(tiles * self.split * self.slice)
