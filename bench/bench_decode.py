@@ -123,6 +123,15 @@ def profile(decoder: Decoder, gemv_bytes: int, copy: float, replays: int = 50) -
     return out
 
 
+def save(result: dict, where: str) -> None:
+    """Write the results atomically (after every configuration too: a run cut short keeps what it measured)."""
+    path = Path(where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def select_micro(device: torch.device) -> list[dict]:
     """Time the select kernel alone (100 launches in a graph) in variants that add one stage at a time."""
     from acttail_core.kernels import select as sel
@@ -232,6 +241,8 @@ def main() -> None:
         hits = f"hint hits {row['hint_hit_rate']:.3f}" if row["hint_hit_rate"] is not None else ""
         print(f"  {row['method']:<8} s={row['sparsity']:.3f} batch={row['batch']} {row['path']:<13} "
               f"{row['tokens_per_s']:8.1f} tok/s  {row['achieved_gbps']:7.0f} GB/s {note} {hits}", flush=True)
+        if args.json:
+            save(result, args.json)
         return row
 
     def attempt(label, fn):
@@ -388,12 +399,8 @@ def main() -> None:
     if result["errors"]:
         print(f"{len(result['errors'])} errors: {[e['what'] for e in result['errors']]}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        save(result, args.json)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
