@@ -341,9 +341,10 @@ def main() -> None:
                 calib = torch.randint(0, loaded.model.get_input_embeddings().weight.shape[0], (4, 128),
                                       generator=torch.Generator().manual_seed(1))
                 taus = budget_thresholds(loaded.model, budget, calib)
-                return record(measure_decode(loaded, budget, weights=weights, gemv_config=config, mode="threshold",
-                                             thresholds=taus, method="uniform-threshold", **kw),
-                              "threshold mode (thresholds fitted on 512 random tokens)")
+                for kernel in [k for k in ("gather", "slice") if k in kernels]:
+                    record(measure_decode(loaded, budget, weights=weights, gemv_config=config, mode="threshold",
+                                          thresholds=taus, method="uniform-threshold", kernel=kernel, **kw),
+                           f"threshold mode (thresholds fitted on 512 random tokens), kernel={kernel}")
             attempt(f"threshold {sparsity}", threshold_row)
         pdl_rows = [b for b in budgets if b.method == "uniform" and b.effective_sparsity in (0.5, 0.8)]
         for budget in pdl_rows if args.pdl_compare else []:
