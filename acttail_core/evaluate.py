@@ -120,7 +120,7 @@ class ThroughputResult:
     decode_tokens_per_s: float  # median over the repeats
     prompt_len: int
     new_tokens: int
-    decode_path: str = "masked"  # "dense-graph", "sparse-gather", "sparse-masked" (fused step) or "masked"
+    decode_path: str = "masked"  # dense-graph, sparse-gather/-slice/-masked (graphed step) or masked
     decode_runs: list = field(default_factory=list)  # decode tokens/s of every repeat: the spread
     decode_speedup: float = float("nan")  # decode tokens/s over the dense row of the same call
     prefill_runs: list = field(default_factory=list)  # prefill tokens/s of every repeat
