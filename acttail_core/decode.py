@@ -241,7 +241,8 @@ class Decoder:
     graph (``use_graph``); elsewhere (the Triton interpreter in tests) it runs eagerly.
     ``hint_window`` > 0 starts every TopK search in a histogram of that many bins around the last
     token's cut (``select.CutHints``: the same result, one pass instead of four when it holds; 0 =
-    always the full search); ``hint_stats`` counts the hinted searches and the misses.
+    always the full search). Off by default until a GPU measurement shows it pays (not yet run);
+    ``hint_stats`` counts the hinted searches and the misses.
     """
 
     def __init__(
@@ -257,7 +258,7 @@ class Decoder:
         gemv_config: Optional[GemvConfig] = None,
         use_graph: Optional[bool] = None,
         kernel: str = "auto",
-        hint_window: int = 128,
+        hint_window: int = 0,
     ) -> None:
         ok, why = support(loaded.model)
         if not ok:
@@ -645,7 +646,7 @@ def measure_decode(
     method: Optional[str] = None,
     gemv_config: Optional[GemvConfig] = None,
     kernel: str = "auto",
-    hint_window: int = 128,
+    hint_window: int = 0,
 ) -> DecodeSpeed:
     """Decode tokens/s of the fused step (dense when ``budget`` is None), median of ``repeats``."""
     decoder = Decoder(loaded, batch=batch, max_len=prompt_len + new_tokens + 1, budget=budget, mode=mode,

@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="time every phase of the step on its own")
     parser.add_argument("--select-micro", action="store_true", help="time the select kernel's stages alone")
     parser.add_argument("--pdl-compare", action="store_true", help="also time uniform 0.5 and 0.8 with PDL on")
-    parser.add_argument("--hint-windows", default="128",
+    parser.add_argument("--hint-windows", default="0,128,256",
                         help="TopK hint windows (histogram bins; 0 = full search every time): the first for every "
                              "configuration, the others for uniform and acttail at 0.5 and 0.8")
     parser.add_argument("--pipeline-compare", action="store_true",

@@ -73,14 +73,18 @@ def reference_greedy(model, prompt, steps, budget=None, mode="topk", thresholds=
     return ids[:, prompt.shape[1]:].cpu(), logits.float()
 
 
-def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=None, kernel="auto"):
+def fused_greedy(loaded, prompt, steps, budget=None, mode="topk", thresholds=None, kernel="auto", hint_window=0,
+                 stats=None):
     if budget is None:
         decoder = Decoder(loaded, batch=prompt.shape[0], max_len=32)
         return decoder.generate(prompt, steps), decoder.logits.float()
     with input_major(loaded.model) as weights:
         decoder = Decoder(loaded, batch=prompt.shape[0], max_len=32, budget=budget, mode=mode,
-                          thresholds=thresholds, weights=weights, kernel=kernel)
-        return decoder.generate(prompt, steps), decoder.logits.float()
+                          thresholds=thresholds, weights=weights, kernel=kernel, hint_window=hint_window)
+        tokens = decoder.generate(prompt, steps)
+        if stats is not None:
+            stats.extend(decoder.hint_stats.tolist())
+        return tokens, decoder.logits.float()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -110,6 +114,22 @@ def test_fused_decode_matches_the_masked_reference(family, dtype, batch, variant
         # input flipping across a TopK cut moves the logits by a few percent; the dense step must agree
         # to 1e-2 (the real models' bf16 check is test_default_model_bfloat16_logits)
         assert error < (1e-2 if variant == "dense" else 0.25)
+
+
+@pytest.mark.parametrize("kernel,batch", [("gather", 1), ("slice", 1), ("gather", 2), ("masked", 2)])
+def test_hinted_topk_search_gives_the_same_tokens(kernel, batch):
+    """With the TopK search started at the last token's cut, every path still equals the masked reference."""
+    model = build("llama", torch.float32)
+    loaded = from_module(model, None, name="llama")
+    prompt = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(3))
+    budget = nonuniform_budget(loaded)
+    expected, ref_logits = reference_greedy(model, prompt, 8, budget, "topk", None)
+    stats: list[int] = []
+    got, logits = fused_greedy(loaded, prompt, 8, budget, kernel=kernel, hint_window=64, stats=stats)
+    assert torch.equal(got, expected)
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < 1e-5
+    searches, misses = stats
+    assert searches > 0 and 0 <= misses <= searches
 
 
 @pytest.mark.gpu
