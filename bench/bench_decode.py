@@ -1,21 +1,26 @@
 """Decode speed of the CUDA-graphed step (acttail_core.decode): dense cuBLAS vs the sparse kernels.
 
     # the benchmark of record: random Llama-2-7B shapes, bf16, batch 1 (and batch 4), one H200
-    python bench/bench_decode.py --synthetic llama2-7b --fused-sweep --profile --json bench/results/decode_h200.json
-    # also sweep the GEMV tiles and time every phase of the step on its own
-    python bench/bench_decode.py --synthetic llama2-7b --sweep --profile
+    python bench/bench_decode.py --synthetic llama2-7b --sweep --select-micro --profile --kernels gather,slice \
+        --hint-windows 0,128,256 --pdl-compare --threshold 0.5,0.8 --json bench/results/decode_h200.json
+    # the one-kernel-per-group path next to the default
+    python bench/bench_decode.py --synthetic llama2-7b --fused-sweep --profile \
+        --json bench/results/decode_h200_fused.json
     # CPU smoke test of the same code (Triton interpreter; numbers meaningless)
     TRITON_INTERPRET=1 python bench/bench_decode.py --synthetic tiny --device cpu --new-tokens 3 --repeats 1
 
 In one run: the device-to-device copy bandwidth (bytes read + written), the dense step's tokens/s
 and the weight bandwidth it achieves, uniform TopK budgets at 0.4-0.9, the engine's own acttail
 budgets at 0.5 and 0.8 (spectra of these weights -> allocation: random weights still give a
-non-uniform budget, which is what matters for speed), the same budgets through the one-kernel-per-group
-``fused`` path (``--fused-sweep`` first picks its grid), and batch 4. Every sparse configuration is
+non-uniform budget, which is what matters for speed), each batch-1 sparse path of ``--kernels``
+(``gather``: one compacted list per group; ``slice``: each GEMV program compacts its own rows;
+``fused``: one kernel per group, its grid picked by ``--fused-sweep``), the TopK search started at
+the last token's cut (``--hint-windows``: the first for every row, the others for the 0.5 and 0.8
+budgets; the hit rate is in each row), threshold mode, and batch 4. Every sparse configuration is
 timed against the dense step of the same run. ``achieved_gbps`` counts the weight bytes a step must
 read (kept input rows of every projection + the dense LM head) per second. ``--profile`` captures a
 graph of each phase alone (selects, GEMVs, attention, head) and reports its time per token and, for
-the GEMVs, its bandwidth against the copy bandwidth.
+the GEMVs, its bandwidth against the copy bandwidth. The JSON is rewritten after every row.
 """
 from __future__ import annotations
 
