@@ -508,8 +508,9 @@ common = dict(MODE=1, G=groups, PROLOGUE=prologue, HAS_DELTA=True, POST_NORM=gro
               STYLE=1 if groups == 2 else 0, ACT=0, PASSES=4, BLOCK=block)
 warps = _warps(block)
 build(_fused_kernel, {**common, "PC": 96, "PR": 2, "BLOCK_N": 128, "BLOCK_K": 64, "ZERO_BLOCK": 128}, warps)
-build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": False, "ZERO_BLOCK": 1024,
-                       "PDL": False, "EXTRA": 0, "WINDOW": 128}, warps)
+for window in (0, 128):
+    build(_select_kernel, {**common, "LISTS": True, "COMPACT": True, "MASK_OUT": False, "ZERO_BLOCK": 1024,
+                           "PDL": False, "EXTRA": 0, "WINDOW": window}, warps)
 build(_gather_gemv_kernel, {"SPLIT": 4, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_B": 16, "USE_DOT": groups == 1,
                             "PIPELINE": groups == 2, "PDL": False}, 8)
 build(_slice_gemv_kernel, {"SPLIT": 8, "SLICE": 512 if block == 4096 else 1024, "BLOCK_N": 128, "BLOCK_K": 64,

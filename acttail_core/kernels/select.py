@@ -187,8 +187,13 @@ def _window_cut(bits, k, hint, WINDOW: tl.constexpr, EXTRA: tl.constexpr):
 
 
 @triton.jit
-def _one_cut(bits, k, hint_ptr, stats_ptr, PASSES: tl.constexpr, EXTRA: tl.constexpr, WINDOW: tl.constexpr):
-    """TopK's cut for one projection: the hinted window when it holds, else the full radix select."""
+def _one_cut(bits, k, hist0, hint_ptr, stats_ptr, PASSES: tl.constexpr, EXTRA: tl.constexpr,
+             WINDOW: tl.constexpr):
+    """TopK's cut for one projection: the hinted window when it holds, else the full radix select.
+
+    ``hist0`` is the top digit's histogram, shared by the group's searches when there are no hints
+    (with hints it is made only on a miss).
+    """
     if WINDOW > 0:
         cut, hit = _window_cut(bits, k, tl.load(hint_ptr), WINDOW, EXTRA)
         if not hit:
@@ -197,7 +202,7 @@ def _one_cut(bits, k, hint_ptr, stats_ptr, PASSES: tl.constexpr, EXTRA: tl.const
         tl.atomic_add(stats_ptr, 1, sem="relaxed")
         tl.store(hint_ptr, cut)
     else:
-        cut = _topk_cut(bits, k, tl.histogram(bits >> 27, 16, mask=bits >= 0), PASSES)
+        cut = _topk_cut(bits, k, hist0, PASSES)
     return cut
 
 
@@ -209,6 +214,10 @@ def _cuts(bits, param_ptr, hint_ptr, stats_ptr, G: tl.constexpr, MODE: tl.conste
     A projection with the same k as the one before it reuses its cut (uniform budgets: q, k and v).
     ``hint_ptr`` points at this sequence's [3 x 64] hints (projection g at g * 64); ``WINDOW`` = 0: no hints.
     """
+    if MODE == 1 and WINDOW == 0:
+        hist0 = tl.histogram(bits >> 27, 16, mask=bits >= 0)
+    else:
+        hist0 = tl.zeros([16], tl.int32)
     c0 = tl.full((), KEEP_NOTHING, tl.int32)
     c1 = tl.full((), KEEP_NOTHING, tl.int32)
     c2 = tl.full((), KEEP_NOTHING, tl.int32)
@@ -221,7 +230,7 @@ def _cuts(bits, param_ptr, hint_ptr, stats_ptr, G: tl.constexpr, MODE: tl.conste
             if param != last_param:
                 cut = tl.full((), KEEP_NOTHING, tl.int32)
                 if param > 0:
-                    cut = _one_cut(bits, param, hint_ptr + g * 64, stats_ptr, PASSES, EXTRA, WINDOW)
+                    cut = _one_cut(bits, param, hist0, hint_ptr + g * 64, stats_ptr, PASSES, EXTRA, WINDOW)
         else:  # threshold mode: the parameter already is the threshold's bit pattern + 1
             cut = param
         last_param = param
