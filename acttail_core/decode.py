@@ -64,6 +64,7 @@ from .models import LoadedModel
 from .projections import decoder_layers
 
 GROUPS = (("qkv", ("q", "k", "v")), ("o", ("o",)), ("gate_up", ("gate", "up")), ("down", ("down",)))
+SPARSE_GEMV_KINDS = ("gather", "fused", "slice")  # our GEMVs on input-major weights, float32 sums with atomics
 MASKED_NOTE = (
     "masked path: activations are zeroed but every weight is still read, so it cannot be faster than dense"
 )
@@ -276,7 +277,7 @@ class Decoder:
             self.kind = kernel
         if self.kind in ("fused", "slice") and batch != 1:
             raise ActTailError(f"the {self.kind} kernel decodes one sequence; batch {batch} needs gather or masked")
-        if self.kind in ("gather", "fused", "slice") and weights is None:
+        if self.kind in SPARSE_GEMV_KINDS and weights is None:
             raise ActTailError(f"the {self.kind} kernel needs the weights of input_major(model)")
         if batch < 1 or batch > CompactLists.MAX_BATCH:
             raise ActTailError(f"batch must be 1 to {CompactLists.MAX_BATCH}, got {batch}")
@@ -333,7 +334,7 @@ class Decoder:
         self.k_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         self.v_cache = torch.zeros(cache_shape, dtype=dt, device=dev)
         inputs = {"qkv": d, "o": q_width, "gate_up": d, "down": self.inter}
-        if self.kind in ("gather", "fused", "slice"):  # one float32 accumulator per group: GEMVs add with atomics
+        if self.kind in SPARSE_GEMV_KINDS:  # one float32 accumulator per group: GEMVs add with atomics
             self.out = {g: torch.zeros(batch, sum(w), dtype=torch.float32, device=dev) for g, w in self.widths.items()}
             self.parts = {g: list(self.out[g].split(w, dim=1)) for g, w in self.widths.items()}
         else:  # one buffer per projection: cuBLAS writes each output contiguously
@@ -503,7 +504,7 @@ class Decoder:
 
     def _qkv_biases(self, attn: nn.Module) -> dict:
         """The sparse GEMVs leave float32 sums, to which attention adds the biases; cuBLAS already added them."""
-        if self.kind not in ("gather", "fused", "slice"):
+        if self.kind not in SPARSE_GEMV_KINDS:
             return {}
         return {"q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias}
 
@@ -658,7 +659,7 @@ def measure_decode(
     del decoder
     gc.collect()  # the step's launches refer back to the decoder: free its graph and buffers now
     median = statistics.median(runs)
-    step_bytes = weight_bytes_per_step(loaded, budget if kind in ("gather", "fused", "slice") else None)
+    step_bytes = weight_bytes_per_step(loaded, budget if kind in SPARSE_GEMV_KINDS else None)
     return DecodeSpeed(
         method=method or ("dense" if budget is None else budget.method),
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),

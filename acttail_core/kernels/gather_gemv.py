@@ -47,13 +47,20 @@ def _tile_columns(tile, end0, end1, end2, tile1, tile2, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols, col_in, BLOCK_K: tl.constexpr):
-    """The kept rows start..start+BLOCK_K (those before ``hi``) of the list: their row indices and values."""
+def _gather_block(idx_ptr, val_ptr, start, hi, BLOCK_K: tl.constexpr):
+    """The list entries start..start+BLOCK_K (those before ``hi``): their row indices, values and mask."""
     ks = start + tl.arange(0, BLOCK_K)
     k_in = ks < hi
     rows = tl.load(idx_ptr + ks, mask=k_in, other=0).to(tl.int64)
     x = tl.load(val_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
     return rows, x, k_in
+
+
+@triton.jit
+def _gather_weights(wt_ptr, stride_wk, rows, k_in, cols, col_in):
+    """The weight rows ``rows`` (those in ``k_in``) at columns ``cols``: [BLOCK_K, BLOCK_N]."""
+    return tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -69,25 +76,19 @@ def _gather_rows(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in,
     """
     acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     if PIPELINE:
-        rows, x, k_in = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, lo, hi, cols, col_in, BLOCK_K)
-        rows_next, x_next, k_in_next = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, lo + BLOCK_K, hi, cols,
-                                                     col_in, BLOCK_K)
-        w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
-                    other=0.0)
+        rows, x, k_in = _gather_block(idx_ptr, val_ptr, lo, hi, BLOCK_K)
+        rows_next, x_next, k_in_next = _gather_block(idx_ptr, val_ptr, lo + BLOCK_K, hi, BLOCK_K)
+        w = _gather_weights(wt_ptr, stride_wk, rows, k_in, cols, col_in)
         for start in range(lo + 2 * BLOCK_K, hi + 2 * BLOCK_K, BLOCK_K):
-            rows_after, x_after, k_in_after = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols,
-                                                            col_in, BLOCK_K)
-            w_next = tl.load(wt_ptr + rows_next[:, None] * stride_wk + cols[None, :],
-                             mask=k_in_next[:, None] & col_in[None, :], other=0.0)
+            rows_after, x_after, k_in_after = _gather_block(idx_ptr, val_ptr, start, hi, BLOCK_K)
+            w_next = _gather_weights(wt_ptr, stride_wk, rows_next, k_in_next, cols, col_in)
             acc += w.to(tl.float32) * x[:, None]
             w, x = w_next, x_next
             rows_next, x_next, k_in_next = rows_after, x_after, k_in_after
     else:
         for start in range(lo, hi, BLOCK_K):
-            rows, x, k_in = _gather_block(wt_ptr, stride_wk, idx_ptr, val_ptr, start, hi, cols, col_in, BLOCK_K)
-            w = tl.load(wt_ptr + rows[:, None] * stride_wk + cols[None, :], mask=k_in[:, None] & col_in[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * x[:, None]
+            rows, x, k_in = _gather_block(idx_ptr, val_ptr, start, hi, BLOCK_K)
+            acc += _gather_weights(wt_ptr, stride_wk, rows, k_in, cols, col_in).to(tl.float32) * x[:, None]
     return tl.sum(acc, axis=0)
 
 
@@ -170,6 +171,23 @@ def _sm_count(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another: fewer, larger programs are faster
 
 
+def check_group(wt: torch.Tensor, widths: list[int], config: GemvConfig) -> ColumnLayout:
+    """The column layout of a group's input-major weight, or ValueError when it cannot be one."""
+    if wt.stride(1) != 1:
+        raise ValueError("the sparse GEMVs need input-major weights with contiguous rows")
+    if not 1 <= len(widths) <= 3 or sum(widths) != wt.shape[1]:
+        raise ValueError(f"widths {widths} do not split the weight's {wt.shape[1]} output columns into 1-3 parts")
+    return ColumnLayout.of(widths, config.block_n)
+
+
+def split_k(config: GemvConfig, tiles: int, rows: int, device: torch.device) -> int:
+    """Slices of the rows per column tile: enough programs to keep every SM streaming
+    (``programs_per_sm``), but never slices shorter than one block of ``rows``."""
+    programs = config.programs_per_sm * _sm_count(device)
+    split = max(1, min(programs // max(tiles, 1), triton.cdiv(max(rows, 1), config.block_k)))
+    return triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
+
+
 def default_config(device: torch.device) -> GemvConfig:
     """Tiles for the device: the GPU default, or wide tiles and no split for the CPU interpreter (tests)."""
     if device.type == "cuda":
@@ -187,21 +205,13 @@ class GatherGemv:
 
     def __init__(self, wt: torch.Tensor, widths: list[int], expected_rows: list[int], batch: int,
                  config: GemvConfig = GemvConfig()) -> None:
-        if wt.stride(1) != 1:
-            raise ValueError("gather_gemv needs input-major weights with contiguous rows")
-        if not 1 <= len(widths) <= 3 or sum(widths) != wt.shape[1]:
-            raise ValueError(f"widths {widths} do not split the weight's {wt.shape[1]} output columns into 1-3 parts")
+        self.layout = check_group(wt, widths, config)
         self.wt = wt
         self.config = config
         self.batch = batch
-        self.layout = ColumnLayout.of(widths, config.block_n)
-        total_tiles = self.layout.total_tiles
-        # split-K: enough programs to keep every SM streaming, but never slices shorter than one block
-        programs = config.programs_per_sm * _sm_count(wt.device)
-        longest = max(expected_rows) if expected_rows else wt.shape[0]
-        split = max(1, min(programs // max(total_tiles, 1), triton.cdiv(max(longest, 1), config.block_k)))
-        self.split = triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
-        self.grid = (total_tiles, self.split)
+        self.split = split_k(config, self.layout.total_tiles, max(expected_rows) if expected_rows else wt.shape[0],
+                             wt.device)
+        self.grid = (self.layout.total_tiles, self.split)
         self.pdl = use_pdl(wt.device)
 
     def __call__(self, lists: CompactLists, y: torch.Tensor) -> None:

@@ -124,6 +124,24 @@ def _prologue(row, cols, inside, a_ptr, a_stride, b_ptr, b_stride, h_ptr, h_stri
 
 
 @triton.jit
+def _prefix_histogram(bits, cut, shift, width):
+    """16-bin histogram of the ``width``-bit digit at ``shift`` among the inputs whose higher bits equal ``cut``'s."""
+    in_prefix = ((bits >> (shift + width)) == (cut >> (shift + width))) & (bits >= 0)
+    return tl.histogram((bits >> shift) & ((1 << width) - 1), 16, mask=in_prefix)
+
+
+@triton.jit
+def _settle_digit(hist, cut, remaining, shift):
+    """One radix pass: the largest digit whose count from the top still reaches ``remaining`` goes into
+    ``cut`` at ``shift``, and what lies above it leaves ``remaining``. (cut, remaining, digit; -1 = too few)."""
+    bins = tl.arange(0, 16)
+    from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # inputs with this digit or a larger one
+    digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
+    remaining -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+    return cut | (tl.maximum(digit, 0) << shift), remaining, digit
+
+
+@triton.jit
 def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
     """Bit pattern of the k-th largest magnitude: the largest T with count(bits >= T) >= k.
 
@@ -132,7 +150,6 @@ def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
     largest digit whose count from the top still reaches k and subtracts what lies above it.
     0 when k exceeds the valid inputs.
     """
-    bins = tl.arange(0, 16)
     cut = tl.full((), 0, tl.int32)
     remaining = k
     short = False
@@ -142,14 +159,10 @@ def _topk_cut(bits, k, hist0, PASSES: tl.constexpr):
         if p == 0:
             hist = hist0
         else:
-            in_prefix = ((bits >> (shift + width)) == (cut >> (shift + width))) & (bits >= 0)
-            hist = tl.histogram((bits >> shift) & ((1 << width) - 1), 16, mask=in_prefix)
-        from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # inputs with this digit or a larger one
-        digit = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
+            hist = _prefix_histogram(bits, cut, shift, width)
+        cut, remaining, digit = _settle_digit(hist, cut, remaining, shift)
         if p == 0:
             short = digit < 0
-        remaining -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-        cut = cut | (tl.maximum(digit, 0) << shift)
     return tl.where(short, 0, cut)
 
 
@@ -174,15 +187,8 @@ def _window_cut(bits, k, hint, WINDOW: tl.constexpr, EXTRA: tl.constexpr):
     digit = tl.max(tl.where((from_top >= k) & (bins < WINDOW - 1), bins, 0), axis=0)
     remaining = k - tl.sum(tl.where(bins > digit, hist, 0), axis=0)
     cut = (lo + digit - 1) << 16
-    digits = tl.arange(0, 16)
     for q in tl.static_range(EXTRA):
-        shift = 12 - 4 * q
-        in_prefix = ((bits >> (shift + 4)) == (cut >> (shift + 4))) & (bits >= 0)
-        h = tl.histogram((bits >> shift) & 15, 16, mask=in_prefix)
-        top = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-        d = tl.max(tl.where(top >= remaining, digits, -1), axis=0)
-        remaining -= tl.sum(tl.where(digits > d, h, 0), axis=0)
-        cut = cut | (tl.maximum(d, 0) << shift)
+        cut, remaining, _ = _settle_digit(_prefix_histogram(bits, cut, 12 - 4 * q, 4), cut, remaining, 12 - 4 * q)
     return cut, hit
 
 
@@ -465,7 +471,7 @@ def select_group(
     dummy = x_out
     groups = lists.groups if lists is not None else (masked_out.shape[0] if masked_out is not None else 1)
     union = compact and lists is not None and n_rows > 1
-    compact = compact and lists is not None and n_rows == 1
+    one_list = compact and lists is not None and n_rows == 1
     pdl = use_pdl(x_out.device)
     extra = {"launch_pdl": True} if pdl else {}
     _select_kernel[(n_rows,)](
@@ -485,7 +491,7 @@ def select_group(
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         zero.shape[1] if zero is not None else 0, n_cols,
         hints.values if hints is not None else dummy, hints.stats if hints is not None else dummy,
-        MODE=mode, G=groups, LISTS=lists is not None, COMPACT=compact, MASK_OUT=masked_out is not None,
+        MODE=mode, G=groups, LISTS=lists is not None, COMPACT=one_list, MASK_OUT=masked_out is not None,
         PROLOGUE=prologue, HAS_DELTA=has_delta, POST_NORM=post_norm_weight is not None,
         STYLE=NORM_STYLES[style], ACT=ACTIVATIONS[activation], PASSES=RADIX_PASSES[x_out.dtype],
         EXTRA=WINDOW_EXTRA_PASSES[x_out.dtype], WINDOW=hints.window if hints is not None and mode == MODE_TOPK else 0,

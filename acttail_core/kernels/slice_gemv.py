@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import ColumnLayout, GemvConfig, _gather_rows, _sm_count, _tile_columns
+from .gather_gemv import GemvConfig, _gather_rows, _tile_columns, check_group, split_k
 from .select import CompactLists, _pdl_enter, use_pdl
 
 
@@ -77,18 +77,12 @@ class SliceGemv:
 
     def __init__(self, wt: torch.Tensor, widths: list[int], scratch: SliceScratch,
                  config: GemvConfig = GemvConfig()) -> None:
-        if wt.stride(1) != 1:
-            raise ValueError("slice_gemv needs input-major weights with contiguous rows")
-        if not 1 <= len(widths) <= 3 or sum(widths) != wt.shape[1]:
-            raise ValueError(f"widths {widths} do not split the weight's {wt.shape[1]} output columns into 1-3 parts")
+        self.layout = check_group(wt, widths, config)
         self.wt, self.config, self.scratch = wt, config, scratch
-        self.layout = ColumnLayout.of(widths, config.block_n)
         tiles = self.layout.total_tiles
         n_in = wt.shape[0]
         # split-K as gather_gemv aims it, over all rows: a slice is short enough to rank in registers
-        programs = config.programs_per_sm * _sm_count(wt.device)
-        split = max(1, min(programs // max(tiles, 1), triton.cdiv(n_in, config.block_k)))
-        self.split = triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
+        self.split = split_k(config, tiles, n_in, wt.device)
         self.slice = triton.next_power_of_2(triton.cdiv(n_in, self.split))
         self.grid = (tiles, self.split)
         scratch.reserve(tiles * self.split * self.slice)
