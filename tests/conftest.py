@@ -114,11 +114,22 @@ def default_loaded() -> LoadedModel:
     return load_model("default")
 
 
+@pytest.fixture(scope="session")
+def gemma_loaded() -> LoadedModel:
+    """The real Gemma-3-270M (scripts/setup.sh --test installs its packages), in float32."""
+    from acttail_core.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+REAL_MODEL_FIXTURES = ("default_loaded", "gemma_loaded")
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """Mark every test that uses the ``default_loaded`` fixture (directly or through another fixture) as
-    ``slow``: loading the real default model takes seconds, so ``-m "not slow"`` leaves these out."""
+    """Mark every test that uses a real model's fixture (directly or through another fixture) as ``slow``:
+    loading a real model takes seconds, so ``-m "not slow"`` leaves these out."""
     for item in items:
-        if "default_loaded" in getattr(item, "fixturenames", ()):
+        if set(REAL_MODEL_FIXTURES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
