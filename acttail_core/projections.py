@@ -103,19 +103,35 @@ def family_of(model: nn.Module) -> str:
     return str(getattr(text_config(model), "model_type", "") or "")
 
 
+def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """The decoder (language model) part of ``model`` and its qualified name ("" = the whole model).
+
+    A multimodal model's vision tower has its own ``layers`` list, which may be as long as the text's; transformers'
+    ``get_decoder`` names the language model, so the decoder layers are looked for inside it."""
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    if isinstance(decoder, nn.Module):
+        for name, module in model.named_modules():
+            if module is decoder:
+                return name, module
+    return "", model
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``ModuleList`` of decoder layers and its qualified name.
 
-    Candidates are lists named ``layers``, ``h`` or ``blocks``; one as long as the config's
-    ``num_hidden_layers`` wins (a vision tower's encoder layers are another list), then the longest.
+    Candidates are lists named ``layers``, ``h`` or ``blocks`` inside the language model (``get_decoder``); one as
+    long as the config's ``num_hidden_layers`` wins (a vision tower's encoder layers are another list), then the
+    longest.
     """
     expected = getattr(text_config(model), "num_hidden_layers", None)
+    root, decoder = _language_model(model)
     best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
+    for name, module in decoder.named_modules():
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in LAYER_LIST_NAMES and len(module) > 0:
             rank = (len(module) == expected, len(module))
             if best is None or rank > (len(best[1]) == expected, len(best[1])):
-                best = (name, module)
+                best = (f"{root}.{name}" if root else name, module)
     if best is None:
         raise ActTailError(
             f"{type(model).__name__} has no decoder layers (no ModuleList named '*.layers', '*.h' or '*.blocks')"
@@ -132,10 +148,22 @@ def _conv1d_type() -> type:
 
 
 def _is_experts(module: nn.Module) -> bool:
-    """transformers' fused experts: 3-D ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) parameters."""
+    """transformers' fused experts: 3-D ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) parameters, dispatched
+    through its experts interface (``@use_experts_implementation`` sets ``is_transposed``), the only way in for the
+    masks and the only record of how the parameters are laid out."""
     down = getattr(module, "down_proj", None)
     first = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
-    return isinstance(down, nn.Parameter) and isinstance(first, nn.Parameter) and down.dim() == 3 and first.dim() == 3
+    return (isinstance(down, nn.Parameter) and isinstance(first, nn.Parameter) and down.dim() == 3
+            and first.dim() == 3 and hasattr(module, "is_transposed") and hasattr(module, "has_gate"))
+
+
+def _is_router(name: str, module: nn.Module, layer: nn.Module) -> bool:
+    """A mixture of experts' router: it picks experts, its output is no projection's input (never sparsified)."""
+    parts = name.split(".")
+    if "router" in type(module).__name__.lower() or "router" in parts:
+        return True
+    parent = layer.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else layer
+    return parts[-1] == "gate" and hasattr(parent, "experts")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -144,6 +172,33 @@ def _is_linear(module: nn.Module) -> bool:
 
 def _linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in layer.named_modules() if name and _is_linear(module)}
+
+
+def _other_weights(where: str, layer: nn.Module, linear: dict[str, nn.Module]) -> dict[str, str]:
+    """Modules of a decoder layer that hold a matrix but are not linear layers ActTail masks -> why they are skipped.
+
+    Per-expert weights outside transformers' experts interface (Llama 4's ``Llama4TextExperts``, JetMoE, DBRX) are
+    an error: they are most of the model, and their inputs exist only inside the module's own forward."""
+    out = {}
+    for name, module in layer.named_modules():
+        if not name or name in linear or any(name.startswith(f"{taken}.") for taken in linear):
+            continue
+        params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() >= 2}
+        if not params:
+            continue
+        kind = type(module).__name__
+        if _is_router(name, module, layer):
+            out[name] = "router"
+        elif "expert" in kind.lower() or (
+                any(p.dim() >= 3 for p in params.values()) and not isinstance(module, (nn.Conv1d, nn.Conv2d))):
+            shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items())
+            raise ActTailError(
+                f"{where}.{name}: {kind} holds expert weights ({shapes}) outside transformers' experts interface, so "
+                "ActTail cannot mask their inputs; this model family is not supported"
+            )
+        else:
+            out[name] = f"{kind}, not a linear layer"
+    return out
 
 
 def _whole(full: str, layer: int, proj_type: str, module: nn.Module) -> Projection:
@@ -258,8 +313,13 @@ def _walk(model: nn.Module) -> tuple[list[Projection], Coverage]:
                 if _has_submodule(layer, name):
                     skipped.setdefault(f"{prefix}.*.{name}", why)
         else:
+            routers = {name for name, module in linear.items() if _is_router(name, module, layer)}
+            linear = {name: module for name, module in linear.items() if name not in routers}
+            skipped.update({f"{prefix}.*.{name}": "router" for name in routers})
             entries = [(name, Experts() if _is_experts(linear[name]) else Whole(proj_type))
                        for name, proj_type in _generic_types(linear).items()]
+        for name, why in _other_weights(where, layer, linear).items():
+            skipped.setdefault(f"{prefix}.*.{name}", why)
         for name, entry in entries:
             parts = _from_entry(f"{where}.{name}", index, entry, linear[name], config)
             found.extend(parts)

@@ -393,3 +393,44 @@ def test_other_mapped_families_match_their_map(family) -> None:
     types = [p.type for p in layer_projections(find_projections(model), 0)]
     assert types[:4] == ["q", "k", "v", "o"]
     assert types[4:] == (["gate", "up", "down"] * (4 if "moe" in family else 1))
+
+
+def test_vision_layers_as_long_as_the_text_layers_are_not_the_decoder() -> None:
+    """Gemma 3 with its vision tower: both lists have 2 layers; the language model's are the decoder layers."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = dict(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=64)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                  patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(config)
+    projections = find_projections(model)
+    assert {p.name.rsplit(".", 2)[0] for p in projections} == {"model.language_model.layers.0",
+                                                               "model.language_model.layers.1"}
+    assert [p.type for p in layer_projections(projections, 0)] == ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def test_unmapped_families_skip_linear_routers() -> None:
+    """AFMoE's router is an ``nn.Linear`` (``mlp.router.gate``): it picks experts, its input is no projection's."""
+    model = tiny_moe("afmoe")
+    assert not any(".router." in p.name for p in find_projections(model))
+    assert "model.layers.*.mlp.router.gate (router)" in projection_coverage(model).skipped
+
+
+def tiny_moe(family: str) -> torch.nn.Module:
+    settings = {"llama4_text": dict(num_key_value_heads=2, head_dim=8, num_local_experts=4, intermediate_size_mlp=64),
+                "afmoe": dict(num_key_value_heads=2, head_dim=8, num_experts=4, moe_intermediate_size=32,
+                              num_dense_layers=1),
+                "jetmoe": dict(num_local_experts=4, kv_channels=8)}[family]
+    return make_tiny_family(family, **settings)
+
+
+@pytest.mark.parametrize("family, module", [("llama4_text", "model.layers.0.feed_forward.experts"),
+                                            ("jetmoe", "model.layers.0.mlp.input_linear")])
+def test_experts_outside_the_experts_interface_are_an_error_naming_the_module(family, module) -> None:
+    """Llama 4's and JetMoE's experts are 3-D parameters their own forward multiplies: read as transformers' fused
+    experts they would be misread (Llama 4 stores them [in, out] without saying so) and never masked."""
+    model = tiny_moe(family)
+    with pytest.raises(ActTailError, match=rf"^{module}: \w+ holds expert weights .* this model family is not "):
+        find_projections(model)
