@@ -106,12 +106,31 @@ _GATED_MLP = {"mlp.gate_proj": Whole("gate"), "mlp.up_proj": Whole("up"), "mlp.d
 _LLAMA = FamilyMap((_ATTENTION | _GATED_MLP,), note="q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
 _QKV = Fused(split_qkv, ("q", "k", "v"))
 _ROUTER = {"mlp.gate": "router"}
+_GATE_UP = {"mlp.gate_up_proj": Fused(split_gate_up, ("gate", "up")), "mlp.down_proj": Whole("down")}
+_SHARED_EXPERTS = {"mlp.shared_experts.gate_proj": Whole("shared_gate"),
+                   "mlp.shared_experts.up_proj": Whole("shared_up"),
+                   "mlp.shared_experts.down_proj": Whole("shared_down")}
+_MOE_WITH_SHARED = {"mlp.experts": Experts()} | _SHARED_EXPERTS
+# DeepSeek's multi-head latent attention: q through a low-rank pair (q_a, q_b) or whole (q_lora_rank None, V2-Lite);
+# k and v come out of one down-projection (kv_a, with the rope key) and one up-projection (kv_b)
+_MLA_TAIL = {"self_attn.kv_a_proj_with_mqa": Whole("kv_a"), "self_attn.kv_b_proj": Whole("kv_b"),
+             "self_attn.o_proj": Whole("o")}
+_MLA = ({"self_attn.q_a_proj": Whole("q_a"), "self_attn.q_b_proj": Whole("q_b")} | _MLA_TAIL,
+        {"self_attn.q_proj": Whole("q")} | _MLA_TAIL)
+_DEEPSEEK = FamilyMap(
+    tuple(attention | mlp for mlp in (_MOE_WITH_SHARED, _GATED_MLP) for attention in _MLA), skip=_ROUTER,
+    note="q_a_proj, q_b_proj (or q_proj) as q_a, q_b (q); kv_a_proj_with_mqa as kv_a, kv_b_proj as kv_b; o_proj; "
+    "every expert's gate, up and down; shared experts as shared_gate, shared_up, shared_down; dense MLP layers "
+    "(first_k_dense_replace) as gate, up, down; router skipped",
+)
 
 FAMILY_MAPS: dict[str, FamilyMap] = {
     **{family: _LLAMA for family in (
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2", "olmo3",
         "granite", "cohere", "stablelm",
     )},
+    **{family: FamilyMap((_ATTENTION | _GATE_UP,), note="q_proj, k_proj, v_proj, o_proj; gate_up_proj split into "
+                         "gate, up; down_proj") for family in ("glm", "glm4")},
     "phi3": FamilyMap(
         ({"self_attn.qkv_proj": _QKV, "self_attn.o_proj": Whole("o"),
           "mlp.gate_up_proj": Fused(split_gate_up, ("gate", "up")), "mlp.down_proj": Whole("down")},),
@@ -146,6 +165,10 @@ FAMILY_MAPS: dict[str, FamilyMap] = {
         (_ATTENTION | {"mlp.experts": Experts()},), skip=_ROUTER,
         note="q, k, v, o; every expert's gate, up (row halves of gate_up_proj) and down; router skipped",
     ),
+    "gpt_oss": FamilyMap(
+        (_ATTENTION | {"mlp.experts": Experts()},), skip={"mlp.router": "router"},
+        note="q, k, v, o; every expert's gate, up (interleaved rows of gate_up_proj) and down; router skipped",
+    ),
     "olmoe": FamilyMap(
         (_ATTENTION | {"mlp.experts": Experts()},), skip=_ROUTER,
         note="q, k, v, o; every expert's gate, up and down; router skipped",
@@ -165,4 +188,11 @@ FAMILY_MAPS: dict[str, FamilyMap] = {
         (_ATTENTION | {"mlp.experts": Experts()}, _ATTENTION | _GATED_MLP), skip=_ROUTER,
         note="q, k, v, o; every expert's gate, up and down; dense MLP layers as gate, up, down; router skipped",
     ),
+    "glm4_moe": FamilyMap(
+        (_ATTENTION | _MOE_WITH_SHARED, _ATTENTION | _GATED_MLP), skip=_ROUTER,
+        note="q, k, v, o; every expert's gate, up and down; shared experts as shared_gate, shared_up, shared_down; "
+        "dense MLP layers (first_k_dense_replace) as gate, up, down; router skipped",
+    ),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
 }

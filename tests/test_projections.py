@@ -434,3 +434,43 @@ def test_experts_outside_the_experts_interface_are_an_error_naming_the_module(fa
     model = tiny_moe(family)
     with pytest.raises(ActTailError, match=rf"^{module}: \w+ holds expert weights .* this model family is not "):
         find_projections(model)
+
+
+NEW_MAPS = {  # family -> (config overrides, types of layer 0, types of layer 1)
+    "glm": ({}, ["q", "k", "v", "o", "gate", "up", "down"], None),
+    "glm4": ({}, ["q", "k", "v", "o", "gate", "up", "down"], None),
+    "gpt_oss": (dict(num_key_value_heads=2, head_dim=8, num_local_experts=4, layer_types=None),
+                ["q", "k", "v", "o"] + ["gate", "up", "down"] * 4, None),
+    "glm4_moe": (dict(num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      first_k_dense_replace=1, n_group=1, topk_group=1), ["q", "k", "v", "o", "gate", "up", "down"],
+                 ["q", "k", "v", "o"] + ["gate", "up", "down"] * 4 + ["shared_gate", "shared_up", "shared_down"]),
+    **{family: (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                     kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                     head_dim=8, n_group=1, topk_group=1), ["q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"],
+                ["q_a", "q_b", "kv_a", "kv_b", "o"] + ["gate", "up", "down"] * 4
+                + ["shared_gate", "shared_up", "shared_down"]) for family in ("deepseek_v2", "deepseek_v3")},
+}
+
+
+@pytest.mark.parametrize("family", sorted(NEW_MAPS))
+def test_glm_gpt_oss_and_deepseek_maps_match_and_mask(family) -> None:
+    overrides, first, second = NEW_MAPS[family]
+    loaded = loaded_family(family, **overrides)
+    model = loaded.model
+    projections = find_projections(model)
+    assert projection_coverage(model).mapped
+    assert [p.type for p in layer_projections(projections, 0)] == first
+    assert [p.type for p in layer_projections(projections, 1)] == (second or first)
+    ids = tokenize_corpus(loaded, TEXT, seqlen=48, max_tokens=96)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsify(model, uniform_budget(projections, 0.5, loaded.name, loaded.fingerprint)) as stats:
+            sparse = model(ids).logits
+        assert torch.equal(model(ids).logits, dense) and not torch.equal(sparse, dense)
+    assert stats.overall() == pytest.approx(0.5, abs=0.02)
+
+
+def test_deepseek_without_q_lora_has_a_whole_q() -> None:
+    overrides = dict(NEW_MAPS["deepseek_v3"][0], q_lora_rank=None)
+    types = [p.type for p in layer_projections(find_projections(make_tiny_family("deepseek_v3", **overrides)), 0)]
+    assert types == ["q", "kv_a", "kv_b", "o", "gate", "up", "down"]
