@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,25 +62,43 @@ class TensorEntry:
 
 
 def _read_header(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor's entry, checked against the file: a corrupt or cut-off file fails here, naming itself,
+    instead of deep inside a loader (transformers' own reader raises its own exception type, not an OSError)."""
     try:
         with open(path, "rb") as handle:
             (size,) = struct.unpack("<Q", handle.read(8))
             if size > _MAX_HEADER:
                 raise ValueError(f"header of {size} bytes")
             header = json.loads(handle.read(size))
+            file_size = os.fstat(handle.fileno()).st_size
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"cannot read safetensors file {path}: its header is not a JSON object")
     base = 8 + size
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{path}: tensor {name} has a malformed header entry")
         if info.get("dtype") not in _DTYPES:
             raise ModelLoadError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        entries[name] = TensorEntry(path, _DTYPES[info["dtype"]], shape, base + start, base + end)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (_is_index_list(shape) and _is_index_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise ModelLoadError(f"{path}: tensor {name} has a malformed shape or data_offsets")
+        entry = TensorEntry(path, _DTYPES[info["dtype"]], tuple(shape), base + offsets[0], base + offsets[1])
+        if entry.nbytes != entry.numel * entry.dtype.itemsize:
+            raise ModelLoadError(f"{path}: tensor {name} has {entry.nbytes} bytes for shape {list(shape)}")
+        if entry.end > file_size:
+            raise ModelLoadError(f"{path} is truncated: {file_size} bytes, tensor {name} ends at byte {entry.end}")
+        entries[name] = entry
     return entries
+
+
+def _is_index_list(value: object) -> bool:
+    """A JSON list of non-negative integers (not booleans, which are ints to Python)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 class Checkpoint:

@@ -351,8 +351,13 @@ def load_model(
     source, is_local = resolve_model_source(ref, progress)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # safetensors only, for hub ids too: a pickled checkpoint is refused, never unpickled
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if is_local and Path(source).is_dir():
+        Checkpoint(source)  # a corrupt or truncated safetensors file is named here, not in transformers' traceback
+    # safetensors only, for hub ids too: a pickled checkpoint is refused, never unpickled. A tensor whose shape
+    # differs from config.json's would stop the load with an unhelpful error, so mismatches are collected and
+    # refused below, by name, with the missing tensors (which transformers would fill with random values).
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if device == "auto":
         kwargs["device_map"] = "auto"
     report(progress, 0, 1, f"loading {ref}")
@@ -360,7 +365,7 @@ def load_model(
         # Only a local HF cache can serve it; without this check huggingface_hub retries for ~25 s.
         kwargs["local_files_only"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, EnvironmentError) as exc:
         where = "" if is_local else " (hub ids need network access or a local Hugging Face cache)"
@@ -373,12 +378,24 @@ def load_model(
             f"could not load model {ref!r} from the hub (needs network access or a local Hugging Face cache): "
             f"{type(exc).__name__}"
         ) from exc
+    _check_weights_match_config(ref, loading)
     if device != "auto":
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     report(progress, 1, 1, f"loaded {ref}")
     return LoadedModel(model=model, tokenizer=tokenizer, name=ref, source=source, device=device, dtype=torch_dtype)
+
+
+def _check_weights_match_config(ref: str, loading: dict) -> None:
+    """Refuse a model some of whose weights are not the checkpoint's: transformers initialises a tensor that is
+    missing or of another shape at random and only logs it, and every number after that would be of noise."""
+    for kind, what in (("missing_keys", "is missing from the checkpoint"),
+                       ("mismatched_keys", "has another shape in the checkpoint than config.json says")):
+        names = sorted(item[0] if isinstance(item, tuple) else item for item in loading.get(kind) or ())
+        if names:
+            others = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ModelLoadError(f"model {ref!r} does not match its config.json: tensor {names[0]} {what}{others}")
 
 
 def from_module(model: torch.nn.Module, tokenizer: Any = None, name: str = "in-memory") -> LoadedModel:

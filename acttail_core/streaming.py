@@ -108,6 +108,11 @@ def model_layout(
     base = getattr(skeleton, "base_model_prefix", "")
     layout = StreamLayout(folder, checkpoint, projections, params, torch_dtype, f"{base}." if base else "",
                           projection_coverage(skeleton))
+    reshaped = next((name for name, shape, _ in params
+                     if layout.key(name) in checkpoint and checkpoint.entries[layout.key(name)].shape != shape), None)
+    if reshaped is not None:  # as load_model refuses it: its spectra would be of another matrix than the model's
+        raise ModelLoadError(f"{folder} does not match its config.json: tensor {reshaped} has another shape in the "
+                             "checkpoint than config.json says")
     # Where transformers renames or fuses tensors at load time (MoE experts, GPT-NeoX's embed_out -> lm_head), the
     # model's tensors have no name in the checkpoint: such a model is loaded whole, not streamed.
     missing = next((name for name, _, _ in params if layout.key(name) not in checkpoint), None)

@@ -2,14 +2,33 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import stat
+import struct
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
-from acttail_core.errors import ActTailError
+from acttail_core import models
+from acttail_core.errors import ActTailError, ModelLoadError
 from acttail_core.safe_io import OutputError, check_output, sweep_stale_temps, write_bytes
+from acttail_core.streaming import model_layout
+
+from .conftest import byte_tokenizer, make_tiny_llama
+
+
+def saved_tiny(folder: Path) -> Path:
+    """The tiny Llama as a local Hugging Face directory (safetensors), as a user would point --model at it."""
+    make_tiny_llama().save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_safetensors_header(path: Path, header: object) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
 
 
 def test_new_file_gets_the_usual_mode_and_an_existing_one_keeps_its_own(tmp_path) -> None:
@@ -129,3 +148,48 @@ def test_hub_ids_load_safetensors_only(monkeypatch) -> None:
     with pytest.raises(ActTailError, match="could not load model 'someone/model'"):
         models.load_model("someone/model")
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+
+
+ENTRY = {"dtype": "F32", "shape": [259, 64], "data_offsets": [0, 259 * 64 * 4]}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut", "is truncated"),
+    ([1, 2], "header is not a JSON object"),
+    ({"model.embed_tokens.weight": 5}, "malformed header entry"),
+    ({"model.embed_tokens.weight": {**ENTRY, "data_offsets": "x"}}, "malformed shape or data_offsets"),
+    ({"model.embed_tokens.weight": {**ENTRY, "shape": [259, True]}}, "malformed shape or data_offsets"),
+    ({"model.embed_tokens.weight": {**ENTRY, "data_offsets": [0, 8]}}, "has 8 bytes for shape"),
+    ({"model.embed_tokens.weight": ENTRY}, "is truncated"),
+])
+def test_damaged_safetensors_are_refused_by_name(tmp_path, damage, message) -> None:
+    """A cut-off or garbled model.safetensors reached the user as transformers' SafetensorError traceback (exit 1)
+    from load_model, or an AttributeError/ValueError from the streaming reader."""
+    folder = saved_tiny(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    if damage == "cut":
+        weights.write_bytes(weights.read_bytes()[:200_000])
+    else:
+        write_safetensors_header(weights, damage)
+    for load in (models.load_model, model_layout):
+        with pytest.raises(ModelLoadError, match=message) as info:
+            load(str(folder))
+        assert "model.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": 3}, "tensor model.layers.2.input_layernorm.weight is missing from the checkpoint"),
+    ({"intermediate_size": 96}, r"tensor model.layers.0.mlp.\w+_proj.weight has another shape in the checkpoint"),
+])
+def test_weights_that_do_not_match_config_are_refused(tmp_path, change, message) -> None:
+    """A config.json with a layer more than the weights loaded silently, that layer filled with random values (only a
+    suppressed log line said so), and every alpha and perplexity after it was of noise; another width crashed."""
+    folder = saved_tiny(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelLoadError, match=f"does not match its config.json: {message}"):
+        models.load_model(str(folder))
+    if "intermediate_size" in change:  # the streaming reader would compute spectra of the checkpoint's other matrix
+        with pytest.raises(ModelLoadError, match=message):
+            model_layout(folder)
+
