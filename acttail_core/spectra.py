@@ -280,6 +280,9 @@ def compute_spectra(
     if use_cache:
         hit = cached_spectra(fingerprint, rule, backend, projections)
         if hit is not None:
+            # The cache is keyed by the weights, so its file names whichever model computed it first (another path,
+            # a deleted folder): the spectra, and budgets allocated from them, name the model asked for.
+            hit.model_name = loaded.name
             report(progress, len(projections), len(projections), "spectra from cache")
             return hit
     eigenvalues = cached_eigenvalues(fingerprint, projections) if use_cache else None

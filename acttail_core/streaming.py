@@ -291,6 +291,7 @@ def stream_spectra(
     if use_cache:
         hit = cached_spectra(key, rule, "acttail", projections)
         if hit is not None:
+            hit.model_name = name  # the cache file names whichever model computed it first (compute_spectra)
             report(progress, len(projections), len(projections), "spectra from cache")
             return StreamResult(hit, layers, largest, 0, from_cache=True)
     target = torch.device("cuda" if device == "auto" else device)

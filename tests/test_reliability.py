@@ -14,6 +14,7 @@ import pytest
 from acttail_core import models
 from acttail_core.errors import ActTailError, ModelLoadError
 from acttail_core.safe_io import OutputError, check_output, sweep_stale_temps, write_bytes
+from acttail_core.spectra import compute_spectra
 from acttail_core.streaming import model_layout
 
 from .conftest import byte_tokenizer, make_tiny_llama
@@ -193,3 +194,11 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path, change, message)
         with pytest.raises(ModelLoadError, match=message):
             model_layout(folder)
 
+
+def test_cached_spectra_name_the_model_asked_for(tiny_loaded, tmp_path, monkeypatch) -> None:
+    """The spectra cache is keyed by the weights, so a cache hit named whichever model computed it first (a test's
+    temporary folder turned up in a user's budget as its model_name)."""
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    assert compute_spectra(tiny_loaded).model_name == "tiny-llama"
+    tiny_loaded.name = "/models/my-copy"
+    assert compute_spectra(tiny_loaded).model_name == "/models/my-copy"
