@@ -326,7 +326,7 @@ def tokenize_corpus(
     """Token ids of ``text`` as ``[n_chunks, seqlen]`` (CPU, long), at most ``max_tokens`` tokens in all."""
     if loaded.tokenizer is None:
         raise ActTailError(f"model {loaded.name} has no tokenizer")
-    seqlen = seqlen or default_seqlen(loaded)
+    seqlen = default_seqlen(loaded) if seqlen is None else seqlen  # 0 is refused below, not read as the default
     if seqlen < 2:
         raise CorpusError(f"{setting('seqlen')} must be at least 2 tokens, got {seqlen}")
     limit = model_max_length(loaded)

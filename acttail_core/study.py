@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .allocation import AllocationSettings, allocate, permuted_alphas, type_mean_alphas, uniform_budget
+from .budget import MAX_TARGET
 from .calibration import (
     MAX_SWEEPS,
     Calibration,
@@ -40,9 +41,10 @@ from .calibration import (
     SearchResult,
     calibrate,
     calibration_chunks,
+    check_calibration_texts,
     coordinate_search,
 )
-from .corpora import same_text
+from .corpora import load_text, same_text
 from .errors import ActTailError
 from .evaluate import EvalSettings, evaluate_budgets, perplexity
 from .greedy import BLOCK_TOKENS, greedy_block_budget, greedy_budget
@@ -157,7 +159,24 @@ class StudyConfig:
     dtype: str = "float32"
 
     def check(self) -> None:
-        """Refuse a study that would tune on what it reports, or run nothing."""
+        """Refuse a study that would tune on what it reports, or run nothing, or stop on a bad value hours in
+        (a study runs its models and stages one after another, so a late value is found late)."""
+        if not (self.models and self.calib_texts and self.heldout_texts):
+            raise ActTailError("give at least one of each: --models, --calib-texts and --heldout-texts")
+        for flag, values in (("--sparsities", self.report_sparsities), ("--ablation-sparsities",
+                             self.ablation_sparsities), ("--threshold-sparsities", self.threshold_sparsities)):
+            for sparsity in values:
+                if not (math.isfinite(sparsity) and 0 < sparsity <= MAX_TARGET):
+                    raise ActTailError(f"{flag} must be in (0, {MAX_TARGET:g}], got {sparsity}")
+        counts = {"--calib-tokens": self.calib_tokens, "--tokens": self.report_tokens, "--seqlen": self.seqlen,
+                  "--ablation-tokens": self.ablation_tokens, "--threshold-calib-tokens": self.threshold_calib_tokens,
+                  "--greedy-tokens": self.greedy_tokens, "--block-tokens": self.block_tokens}
+        for flag, count in counts.items():
+            if count < 2:
+                raise ActTailError(f"{flag} must be at least 2, got {count}")
+        if self.seeds < 1 or self.calib_sweeps < 1:  # ablation (b) is a mean over the permutations
+            raise ActTailError(
+                f"--seeds and --calib-sweeps must be at least 1, got {self.seeds} and {self.calib_sweeps}")
         for text in self.heldout_texts:
             for calib in self.calib_texts + (self.threshold_calib,):
                 if same_text(text, calib):
@@ -167,6 +186,9 @@ class StudyConfig:
             raise ActTailError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(STAGES)}")
         if self.ablation_tokens > self.report_tokens or self.report_tokens < self.seqlen:
             raise ActTailError("need --ablation-tokens <= --tokens and --seqlen <= --tokens")
+        check_calibration_texts(self.calib_texts + (self.threshold_calib,))
+        for text in self.heldout_texts:
+            load_text(text, "eval", max_chars=1 << 16)  # a missing or empty text fails now, reading only its start
 
     def seqlen_for(self, tokens: int) -> int:
         """Chunk length: ``seqlen``, or one chunk when fewer tokens are asked for (the ablation's)."""

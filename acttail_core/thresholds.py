@@ -255,7 +255,7 @@ def calibrate_thresholds(
     path is read as given.
     """
     text = load_calibration_text(corpus)
-    seqlen = min(seqlen or default_seqlen(loaded), max_tokens)
+    seqlen = min(default_seqlen(loaded) if seqlen is None else seqlen, max_tokens)  # 0 is refused, not the default
     path = _cache_path(loaded.fingerprint, corpus, text_digest(text), max_tokens, seqlen)
     projections = find_projections(loaded.model)
     problem = file_digest_problem(path) if use_cache and path.exists() else "absent"

@@ -38,6 +38,8 @@ def test_tokenize_corpus_chunks_and_errors(tiny_loaded):
         tokenize_corpus(tiny_loaded, "short text", seqlen=64)
     with pytest.raises(CorpusError, match="context length"):
         tokenize_corpus(tiny_loaded, TEXT, seqlen=4096)
+    with pytest.raises(CorpusError, match="must be at least 2 tokens, got 0"):  # 0 was read as "the default"
+        tokenize_corpus(tiny_loaded, TEXT, seqlen=0)
 
 
 def test_dense_perplexity_equals_transformers_labels_loss(tiny_loaded):

@@ -64,6 +64,34 @@ def test_held_out_text_that_is_calibration_text_is_refused(tmp_path) -> None:
         study_mod.Study(tiny_config(str(tmp_path), stages=("select",)))
 
 
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seeds=0), "--seeds and --calib-sweeps must be at least 1"),  # crashed in the report (StatisticsError)
+    (dict(seeds=-3), "--seeds and --calib-sweeps must be at least 1"),
+    (dict(calib_sweeps=0), "--seeds and --calib-sweeps must be at least 1"),
+    (dict(seqlen=0), "--seqlen must be at least 2, got 0"),  # was read as the default seqlen
+    (dict(report_sparsities=(0.3, 1.5)), r"--sparsities must be in \(0, 0.95\], got 1.5"),
+    (dict(ablation_sparsities=(math.nan,)), r"--ablation-sparsities must be in \(0, 0.95\], got nan"),
+    (dict(threshold_sparsities=(0.0,)), r"--threshold-sparsities must be in \(0, 0.95\], got 0.0"),
+    (dict(greedy_tokens=1), "--greedy-tokens must be at least 2, got 1"),
+    (dict(models=()), "give at least one of each"),
+    (dict(heldout_texts=("demo:plrabn12", "missing.txt")), "corpus 'missing.txt' not found"),
+    (dict(calib_texts=("demo:lcet10", "empty.txt")), "corpus 'empty.txt' .* is empty"),
+])
+def test_bad_study_settings_are_refused_before_any_run(tmp_path, monkeypatch, tiny_everywhere, change, message) -> None:
+    """A bad value met late (a sparsity, a text, a model after hours of the first model's runs) stopped the study
+    with runs.jsonl and report.md half-filled, or with a traceback; now the settings are checked before any run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text(" \n")
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a run started before the settings were checked")
+
+    monkeypatch.setattr("acttail_core.evaluate.perplexity", no_runs)
+    with pytest.raises(ActTailError, match=message):
+        run_study(tiny_config(str(tmp_path / "study"), **change))
+    assert not (tmp_path / "study").exists()
+
 def test_report_tables_from_a_run_log(tmp_path) -> None:
     """The ablation table's statistics and the calibration replay, from a hand-written run log (no model)."""
     config = tiny_config(str(tmp_path), models=("m",), report_sparsities=(0.7,), ablation_sparsities=(0.7,), seeds=3)
