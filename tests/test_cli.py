@@ -36,6 +36,11 @@ def test_spectra_and_allocate_on_default_model(tmp_path, capsys) -> None:
         (["allocate", "--model", "default", "--sparsity", "1.5"], "sparsity must be in [0, 0.95]"),
         (["allocate", "--model", "default"], "--sparsity is required"),
         (["allocate", "--model", "default", "--sparsity", "0.5", "--temperature", "-2"], "temperature"),
+        # the greedy measures on text and was silently given neither the spectra nor the rule it ignores
+        (["allocate", "--model", "default", "--sparsity", "0.5", "--method", "greedy", "--rule", "ks", "--spectra",
+          "s.json"], "--rule, --spectra would be ignored: --method greedy does not read them"),
+        (["allocate", "--model", "default", "--sparsity", "0.5", "--method", "linear", "--temperature", "0.3"],
+         "--temperature would be ignored"),
     ],
 )
 def test_errors_are_one_line(argv, message, capsys, tmp_path) -> None:

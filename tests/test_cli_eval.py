@@ -99,6 +99,14 @@ ERRORS = [
     (["--budget", "{other}"], "not a projection of this model"),
     (["--sparsity", "0.5", "--mode", "threshold"], "--calib-corpus"),
     (["--sparsity", "0.5", "--mode", "threshold", "--calib-corpus", "{eval}"], "evaluation text"),
+    # options that were silently ignored: the run used the budget file, or the method's own settings
+    (["--budget", "{other}", "--method", "greedy", "--temp", "5"],
+     "--method, --temperature would be ignored: --budget FILE already says how sparsity is allocated"),
+    (["--budget", "{other}", "--spectra", "{eval}"], "--spectra would be ignored"),
+    (["--sparsity", "0.5", "--temperature", "0.3"], "--temperature would be ignored: --method uniform does not read"),
+    (["--sparsity", "0.5", "--direction", "keep-heavy", "--group", "type"],
+     "--direction, --group would be ignored: --method uniform does not read them"),
+    (["--sparsity", "0.5", "--calib-corpus", "demo"], "--calib-corpus and --calib-tokens would be ignored"),
 ]
 
 
@@ -109,7 +117,8 @@ def test_eval_errors_are_one_line_and_write_nothing(tiny_env, capsys, extra, mes
     if any("{other}" in e for e in extra):
         names["other"] = other_budget(tiny_env)
     extra = [e.format(**names) for e in extra]
-    argv = ["eval", "--model", str(tiny_env / "tiny"), "--corpus", str(tiny_env / "eval.txt"), "--method", "uniform"]
+    method = [] if "--budget" in extra else ["--method", "uniform"]  # a budget file says its own method
+    argv = ["eval", "--model", str(tiny_env / "tiny"), "--corpus", str(tiny_env / "eval.txt"), *method]
     code, out, err = run(argv + extra + ["--out", str(tiny_env / "never.json")], capsys)
     lines = err.strip().splitlines()
     assert code == 2, out

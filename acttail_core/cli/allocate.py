@@ -23,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.sparsity is None:
         raise ActTailError("--sparsity is required (a number in [0, 0.95])")
     check_target(args.sparsity, common.settings_from_args(args))  # fail before the slow model load
+    common.check_allocation_options(args)
     args.out = check_output(args.out, [args.spectra, common.model_input(args)])
     if args.spectra:
         load_spectra(args.spectra)  # a missing or corrupt file fails now; its model is checked after the load

@@ -11,9 +11,9 @@ import pandas as pd
 from .. import models, streaming
 from ..allocation import DIRECTIONS, GROUPS, AllocationSettings, allocate, check_target
 from ..budget import Budget
-from ..errors import SETTING_WORDS
+from ..errors import SETTING_WORDS, ActTailError
 from ..greedy import BUILDERS
-from ..methods import KNOBS, METHOD_NAMES, is_measured, methods_help
+from ..methods import KNOBS, METHOD_NAMES, METHODS, is_measured, methods_help
 from ..progress import TqdmProgress
 from ..projections import projection_coverage
 from ..spectra import DEFAULT_RULE, XMIN_RULES, check_spectra_match
@@ -45,6 +45,37 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+class Given(argparse.Action):
+    """Store the value and note the flag as given: a default cannot tell whether the user typed it, and an option
+    the rest of the command line makes pointless must be refused rather than silently ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.option_strings[0]}
+
+
+def check_allocation_options(args: argparse.Namespace) -> None:
+    """Refuse allocation options that would be ignored: all of them beside ``--budget FILE`` (the file says how
+    sparsity is allocated), and those the chosen ``--method`` does not read (``--temperature`` for linear)."""
+    given = set(getattr(args, "given", ()))
+    if getattr(args, "spectra", None):
+        given.add("--spectra")
+    if getattr(args, "budget", None) is not None:
+        unused = given
+        why = "--budget FILE already says how sparsity is allocated"
+    else:
+        method = METHODS[args.method]
+        unused = {f"--{knob.name}" for knob in KNOBS if knob not in method.knobs}
+        if method.kind != "alpha":
+            unused |= {"--direction", "--group"}
+        if method.kind == "measured":  # measured on text: no alphas, so no spectra and no xmin rule either
+            unused |= {"--spectra", "--rule"}
+        unused &= given
+        why = f"--method {args.method} does not read {'it' if len(unused) == 1 else 'them'}"
+    if unused:
+        raise ActTailError(f"{', '.join(sorted(unused))} would be ignored: {why}; leave them out")
+
+
 def model_input(args: argparse.Namespace) -> Optional[str]:
     """The model argument unless it names a packaged model: a local file or folder that ``--out`` must not replace."""
     return None if args.model in models.PACKAGED_MODELS else args.model
@@ -64,15 +95,18 @@ def add_allocation_arguments(parser: argparse.ArgumentParser, with_sparsity: boo
     if with_sparsity:
         parser.add_argument("--sparsity", type=float, default=None,
                             help="global target: parameter-weighted mean sparsity in [0, 0.95]")
-    parser.add_argument("--method", default=defaults.method, choices=METHOD_NAMES, help=methods_help())
+    parser.add_argument("--method", action=Given, default=defaults.method, choices=METHOD_NAMES, help=methods_help())
     for knob in KNOBS:
-        parser.add_argument(f"--{knob.name}", type=float, default=getattr(defaults, knob.name),
+        parser.add_argument(f"--{knob.name}", action=Given, type=float, default=getattr(defaults, knob.name),
                             help=f"{knob.help}; in {knob.range_text()}")
-    parser.add_argument("--direction", default=defaults.direction, choices=DIRECTIONS)
-    parser.add_argument("--group", default=defaults.group, choices=GROUPS)
-    parser.add_argument("--rule", default=DEFAULT_RULE, choices=XMIN_RULES, help="xmin rule of the power-law fit")
-    parser.add_argument("--lower", type=float, default=defaults.lower, help="lowest sparsity any projection may get")
-    parser.add_argument("--upper", type=float, default=defaults.upper, help="highest sparsity any projection may get")
+    parser.add_argument("--direction", action=Given, default=defaults.direction, choices=DIRECTIONS)
+    parser.add_argument("--group", action=Given, default=defaults.group, choices=GROUPS)
+    parser.add_argument("--rule", action=Given, default=DEFAULT_RULE, choices=XMIN_RULES,
+                        help="xmin rule of the power-law fit")
+    parser.add_argument("--lower", action=Given, type=float, default=defaults.lower,
+                        help="lowest sparsity any projection may get")
+    parser.add_argument("--upper", action=Given, type=float, default=defaults.upper,
+                        help="highest sparsity any projection may get")
 
 
 def settings_from_args(args: argparse.Namespace) -> AllocationSettings:

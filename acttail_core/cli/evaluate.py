@@ -63,6 +63,9 @@ def _check_common(args: argparse.Namespace) -> None:
     check_device(args.device)
     if (args.sparsity is None) == (args.budget is None):
         raise ActTailError("give exactly one of --sparsity S or --budget FILE")
+    common.check_allocation_options(args)
+    if args.mode != "threshold" and (args.calib_corpus is not None or args.calib_tokens is not None):
+        raise ActTailError("--calib-corpus and --calib-tokens would be ignored: they are for --mode threshold")
     if getattr(args, "calib_tokens", None) is not None and args.calib_tokens < 2:
         raise ActTailError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.sparsity is not None:
