@@ -10,8 +10,9 @@ A family's map lists, for every module of a decoder layer that holds a projectio
   parameters): gate, up and down of every expert.
 
 A family may have several layouts (Qwen2-MoE and Qwen3-MoE mix MoE and dense MLP layers); every decoder
-layer must match one exactly. Modules that are linear but deliberately not sparsified (routers) are in
-``skip`` with the reason. Pure data: ``projections`` walks a model with it.
+layer must match one exactly. Modules that are linear but deliberately not sparsified (routers; Mamba's
+``dt_proj``, whose weight the mixer multiplies without calling the module) are in ``skip`` with the reason.
+Pure data: ``projections`` walks a model with it.
 """
 from __future__ import annotations
 
@@ -123,6 +124,22 @@ _DEEPSEEK = FamilyMap(
     "every expert's gate, up and down; shared experts as shared_gate, shared_up, shared_down; dense MLP layers "
     "(first_k_dense_replace) as gate, up, down; router skipped",
 )
+# A Mamba mixer in eval mode calls in_proj, x_proj and out_proj, but multiplies dt_proj's weight itself
+# (``self.dt_proj.weight @ time_step``): the module is never called, so a mask on its input would never apply and the
+# projection would stay dense while counted as sparsified. (Only the fused training path reads the others' weights.)
+_DT_PROJ = "its weight is multiplied inside the mixer's forward, the module is never called: a mask would not apply"
+
+
+def _mamba_mixer(prefix: str) -> dict[str, Entry]:
+    return {f"{prefix}.in_proj": Whole("in_proj"), f"{prefix}.x_proj": Whole("x_proj"),
+            f"{prefix}.out_proj": Whole("out_proj")}
+
+
+_MAMBA = FamilyMap((_mamba_mixer("mixer"),), skip={"mixer.dt_proj": _DT_PROJ},
+                   note="in_proj, x_proj, out_proj of the mixer; dt_proj skipped (its weight is used without "
+                   "calling it)")
+_JAMBA_MLP = {"feed_forward.gate_proj": Whole("gate"), "feed_forward.up_proj": Whole("up"),
+              "feed_forward.down_proj": Whole("down")}
 
 FAMILY_MAPS: dict[str, FamilyMap] = {
     **{family: _LLAMA for family in (
@@ -195,4 +212,14 @@ FAMILY_MAPS: dict[str, FamilyMap] = {
     ),
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
+    "mamba": _MAMBA,
+    "falcon_mamba": _MAMBA,
+    "jamba": FamilyMap(
+        tuple(mixer | ffn for mixer in (_ATTENTION, _mamba_mixer("mamba"))
+              for ffn in (_JAMBA_MLP, {"feed_forward.experts": Experts()})),
+        skip={"mamba.dt_proj": _DT_PROJ, "feed_forward.router": "router"},
+        note="attention layers: q, k, v, o; Mamba layers: in_proj, x_proj, out_proj (dt_proj skipped, its weight is "
+        "used without calling it); dense MLP layers as gate, up, down; every expert's gate, up and down; router "
+        "skipped",
+    ),
 }

@@ -99,6 +99,8 @@ def test_exactly_the_expected_projections(family) -> None:
     assert sum(covered.get(n, 0) for n, _ in model.named_modules() if n.endswith("mlp.experts")) == sum(
         m.gate_up_proj.numel() + m.down_proj.numel() for m in experts)
     assert projection_coverage(model).mapped
+    # Every module that holds a projection is called by the forward (where the masks act), none only read from
+    assert {p.module_name for p in projections} <= called_modules(model, torch.arange(40)[None] + 40)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
@@ -474,3 +476,54 @@ def test_deepseek_without_q_lora_has_a_whole_q() -> None:
     overrides = dict(NEW_MAPS["deepseek_v3"][0], q_lora_rank=None)
     types = [p.type for p in layer_projections(find_projections(make_tiny_family("deepseek_v3", **overrides)), 0)]
     assert types == ["q", "kv_a", "kv_b", "o", "gate", "up", "down"]
+
+
+SSM_FAMILIES = {  # family -> (config overrides, decoder layers' prefix, where the mixer sits in a layer)
+    "mamba": (dict(state_size=8), "backbone.layers", "mixer"),
+    "falcon_mamba": (dict(state_size=8), "backbone.layers", "mixer"),
+    # layers 0, 2 Mamba, 1, 3 attention; layers 1, 3 mixtures of experts
+    "jamba": (dict(num_hidden_layers=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                   mamba_d_state=8, mamba_dt_rank=4), "model.layers", "mamba"),
+}
+
+
+def called_modules(model: torch.nn.Module, ids: torch.Tensor) -> set[str]:
+    """The modules whose forward ran on ``ids`` (a hook on a module that is never called never fires)."""
+    called: set[str] = set()
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
+               for name, module in model.named_modules()]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return called
+
+
+@pytest.mark.parametrize("family", sorted(SSM_FAMILIES))
+def test_mamba_dt_proj_is_skipped_because_its_module_is_never_called(family) -> None:
+    """Mamba's mixer multiplies ``dt_proj.weight`` itself: a mask on dt_proj's input would never apply, so it is
+    skipped by name; every projection that is taken is a module the forward calls, and is masked to its target."""
+    overrides, prefix, mixer = SSM_FAMILIES[family]
+    loaded = loaded_family(family, **overrides)
+    model = loaded.model
+    projections = find_projections(model)
+    coverage = projection_coverage(model)
+    assert coverage.mapped
+    assert f"{prefix}.*.{mixer}.dt_proj (its weight is multiplied inside the mixer's forward, the module is never " \
+           "called: a mask would not apply)" in coverage.skipped
+    assert [p.type for p in layer_projections(projections, 0)] == ["in_proj", "x_proj", "out_proj"] + (
+        ["gate", "up", "down"] if family == "jamba" else [])
+    if family == "jamba":
+        assert [p.type for p in layer_projections(projections, 1)] == ["q", "k", "v", "o"] + ["gate", "up", "down"] * 4
+    ids = tokenize_corpus(loaded, TEXT, seqlen=48, max_tokens=96)
+    assert {p.module_name for p in projections} <= called_modules(model, ids)
+    assert f"{prefix}.0.{mixer}.dt_proj" not in called_modules(model, ids)  # why it is skipped
+    budget = uniform_budget(projections, 0.5, loaded.name, loaded.fingerprint)
+    dense = perplexity(loaded, ids)
+    sparse = perplexity(loaded, ids, budget)
+    assert sparse.ppl != dense.ppl and sparse.realized_sparsity == pytest.approx(0.5, abs=0.02)
+    assert set(sparse.per_projection) == {p.name for p in projections}  # every projection measured, none left dense
+    for p in projections:
+        assert sparse.per_projection[p.name] == pytest.approx(0.5, abs=0.03), p.name
+    assert perplexity(loaded, ids).nll == dense.nll
