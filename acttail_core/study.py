@@ -48,7 +48,7 @@ from .corpora import load_text, same_text
 from .errors import ActTailError
 from .evaluate import EvalSettings, evaluate_budgets, perplexity
 from .greedy import BLOCK_TOKENS, greedy_block_budget, greedy_budget
-from .models import load_model
+from .models import check_device, check_model_reference, load_model, resolve_dtype
 from .progress import ProgressFn, report
 from .projections import find_projections
 from .safe_io import write_bytes, write_text
@@ -189,6 +189,10 @@ class StudyConfig:
         check_calibration_texts(self.calib_texts + (self.threshold_calib,))
         for text in self.heldout_texts:
             load_text(text, "eval", max_chars=1 << 16)  # a missing or empty text fails now, reading only its start
+        check_device(self.device)
+        resolve_dtype(self.dtype, self.device)
+        for ref in self.models:  # models load one after another: a bad one would be found after the others' runs
+            check_model_reference(ref)
 
     def seqlen_for(self, tokens: int) -> int:
         """Chunk length: ``seqlen``, or one chunk when fewer tokens are asked for (the ablation's)."""

