@@ -42,7 +42,7 @@ from .models import LoadedModel
 from .progress import ProgressFn, part, report
 from .projections import find_projections
 from .sparsify import _check_mode, sparsify
-from .thresholds import ThresholdTable, calibrate_thresholds
+from .thresholds import ThresholdTable, calibrate_thresholds, check_calibration_text
 
 log = logging.getLogger(__name__)
 
@@ -332,12 +332,15 @@ def evaluate_budgets(
     text = load_text(corpus, "eval", max_chars=prefix_chars(max_tokens))
     chunks = tokenize_corpus(loaded, text, seqlen, max_tokens)
     table = calibration
+    calib_kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
     if mode == "threshold" and table is None:
         calib_corpus = calib_corpus or default_calibration_corpus(corpus)
         if same_text(corpus, calib_corpus):
             raise ActTailError(
                 f"calibration text {calib_corpus} is the evaluation text; choose another {setting('calib_corpus')}"
             )
+        if any(budget is not None for _, budget in runs):  # calibrated below after the dense run, so checked now
+            check_calibration_text(loaded, calib_corpus, seqlen=int(chunks.shape[1]), **calib_kwargs)
     text_key = hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
     calib_key = ""  # threshold mode: which calibration made the thresholds
     if mode == "threshold":
@@ -352,9 +355,8 @@ def evaluate_budgets(
             report(step, 1, 1, f"{label}: from an earlier run")
             continue
         if mode == "threshold" and table is None and budget is not None:
-
-            kwargs = {} if calib_tokens is None else {"max_tokens": calib_tokens}
-            table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress, **kwargs)
+            table = calibrate_thresholds(loaded, calib_corpus, seqlen=int(chunks.shape[1]), progress=progress,
+                                         **calib_kwargs)
         thresholds = table.thresholds_for(budget) if (table is not None and budget is not None) else None
         result = perplexity(loaded, chunks, budget, mode, thresholds, method=label, batch_size=settings.batch_size,
                             progress=step)

@@ -240,6 +240,19 @@ def _cache_path(fingerprint: str, corpus: str, digest: str, max_tokens: int, seq
     return cache_root() / "calibration" / f"{fingerprint}-{slug}-{digest}-{max_tokens}x{seqlen}.safetensors"
 
 
+def _calibration_seqlen(loaded: LoadedModel, max_tokens: int, seqlen: Optional[int]) -> int:
+    return min(default_seqlen(loaded) if seqlen is None else seqlen, max_tokens)  # 0 is refused, not the default
+
+
+def check_calibration_text(
+    loaded: LoadedModel, corpus: str = "demo", max_tokens: int = DEFAULT_CALIB_TOKENS, seqlen: Optional[int] = None
+) -> None:
+    """Refuse a calibration text ``calibrate_thresholds`` would refuse (missing, empty, shorter than one chunk),
+    with the same error, by tokenizing it alone (cheap): an evaluation calibrates only when its first sparse run
+    comes, after the dense one."""
+    tokenize_corpus(loaded, load_calibration_text(corpus), _calibration_seqlen(loaded, max_tokens, seqlen), max_tokens)
+
+
 def calibrate_thresholds(
     loaded: LoadedModel,
     corpus: str = "demo",
@@ -255,7 +268,7 @@ def calibrate_thresholds(
     path is read as given.
     """
     text = load_calibration_text(corpus)
-    seqlen = min(default_seqlen(loaded) if seqlen is None else seqlen, max_tokens)  # 0 is refused, not the default
+    seqlen = _calibration_seqlen(loaded, max_tokens, seqlen)
     path = _cache_path(loaded.fingerprint, corpus, text_digest(text), max_tokens, seqlen)
     projections = find_projections(loaded.model)
     problem = file_digest_problem(path) if use_cache and path.exists() else "absent"

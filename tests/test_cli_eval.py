@@ -127,6 +127,19 @@ def test_eval_errors_are_one_line_and_write_nothing(tiny_env, capsys, extra, mes
     assert not (tiny_env / "never.json").exists()
 
 
+def test_threshold_eval_with_a_too_short_calibration_text_fails_before_any_run(tiny_env, capsys, monkeypatch):
+    (tiny_env / "short.txt").write_text("only a few words")
+    monkeypatch.setattr("acttail_core.evaluate.perplexity", lambda *a, **k: pytest.fail("a run started"))
+    code, out, err = run(["eval", "--model", str(tiny_env / "tiny"), "--corpus", str(tiny_env / "eval.txt"),
+                          "--method", "uniform", "--sparsity", "0.5", "--seqlen", "64", "--max-tokens", "128",
+                          "--mode", "threshold", "--calib-corpus", str(tiny_env / "short.txt"),
+                          "--out", str(tiny_env / "never.json")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("error: the corpus has only 16 tokens, fewer than one chunk of 64; "
+                                            "lower --seqlen")
+    assert not (tiny_env / "never.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_cuda_without_gpu(capsys, command, tmp_path):

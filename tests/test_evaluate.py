@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,6 +103,30 @@ def test_compare_dense_uniform_budget_on_shared_tokens(tiny_loaded, tmp_path):
     assert set(results[0].as_dict()) == {"method", "sparsity", "ppl", "nll", "tokens", "realized_sparsity", "seconds"}
     with pytest.raises(ActTailError, match="calibration text"):
         compare(tiny_loaded, budget, EvalSettings(corpus=str(corpus), seqlen=64, max_tokens=192, mode="threshold"))
+
+
+def test_a_too_short_calibration_text_is_refused_before_the_dense_run(tiny_loaded, tmp_path, monkeypatch):
+    """Threshold mode calibrates when its first sparse run comes: a calibration text shorter than one chunk stopped
+    the evaluation only after the dense run. It is tokenized and refused first, with the same error; a long enough
+    one is still calibrated lazily, once."""
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "eval.txt").write_text(TEXT)
+    (tmp_path / "short.txt").write_text("a few words")
+    (tmp_path / "calib.txt").write_text(TEXT.replace("fox", "cat"))
+    budget = uniform_budget(find_projections(tiny_loaded.model), 0.5, tiny_loaded.name, tiny_loaded.fingerprint)
+    settings = EvalSettings(corpus=str(tmp_path / "eval.txt"), seqlen=64, max_tokens=128, mode="threshold",
+                            calib_corpus=str(tmp_path / "short.txt"), calib_tokens=256)
+    real_perplexity, real_calibrate = evaluate.perplexity, evaluate.calibrate_thresholds
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(CorpusError, match="the corpus has only 11 tokens, fewer than one chunk of 64"):
+        evaluate.evaluate_budgets(tiny_loaded, [("dense", None), ("uniform", budget)], settings)
+    calls = []
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: calls.append("run") or real_perplexity(*a, **k))
+    monkeypatch.setattr(evaluate, "calibrate_thresholds",
+                        lambda *a, **k: calls.append("calibrate") or real_calibrate(*a, **k))
+    long_enough = replace(settings, calib_corpus=str(tmp_path / "calib.txt"))
+    results = evaluate.evaluate_budgets(tiny_loaded, [("dense", None), ("uniform", budget)], long_enough)
+    assert calls == ["run", "calibrate", "run"] and [r.method for r in results] == ["dense", "uniform"]
 
 
 def test_throughput_reports_all_budgets(tiny_loaded):
