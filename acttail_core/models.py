@@ -209,6 +209,8 @@ def gemma_gguf() -> Path:
 
 PACKAGED_DISPLAY_NAMES = {"default": "SmolLM2-135M-Instruct", "smollm2-135m": "SmolLM2-135M-Instruct",
                           "gemma3-270m": "Gemma-3-270M"}
+
+
 def _check_gemma() -> None:
     """Gemma-3-270M is assembled already, or its part packages are installed (checked without assembling it)."""
     if not _gemma_target().exists():
