@@ -53,9 +53,10 @@ THROUGHPUT_NOTE = (
     "Qwen2/3 or Gemma 3 model on one device."
 )
 FUSED_NOTE = (
-    "Decode: one CUDA graph per step; dense rows use cuBLAS, sparse rows the sparse kernels (gather: only the "
-    "weight rows of kept inputs are read; masked: each projection's masked input through cuBLAS, for batches "
-    "whose kept inputs cover nearly every row). Prefill: transformers' forward with the same masks."
+    "Decode: one CUDA graph per step; dense rows use cuBLAS, sparse rows the sparse kernels (slice, one "
+    "sequence, and gather, a batch: only the weight rows of kept inputs are read; masked: each projection's "
+    "masked input through cuBLAS, for batches whose kept inputs cover nearly every row). Prefill: "
+    "transformers' forward with the same masks."
 )
 
 

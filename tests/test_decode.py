@@ -195,12 +195,12 @@ def test_unsupported_models_say_why():
         Decoder(loaded, budget=nonuniform_budget(loaded))
 
 
-def test_auto_kernel_masks_when_the_batch_union_is_nearly_dense():
+def test_auto_kernel_slices_one_sequence_and_masks_when_the_batch_union_is_nearly_dense():
     loaded = from_module(build("llama"), None, name="llama")
     with input_major(loaded.model) as weights:
         kinds = {(b, s): Decoder(loaded, batch=b, budget=nonuniform_budget(loaded, s), weights=weights,
                                  max_len=8).kind for b, s in [(1, 0.5), (2, 0.8), (4, 0.5)]}
-    assert kinds == {(1, 0.5): "gather", (2, 0.8): "gather", (4, 0.5): "masked"}
+    assert kinds == {(1, 0.5): "slice", (2, 0.8): "gather", (4, 0.5): "masked"}
     with input_major(loaded.model) as weights, pytest.raises(ActTailError, match="one sequence"):
         Decoder(loaded, batch=2, budget=nonuniform_budget(loaded), weights=weights, kernel="fused")
     with pytest.raises(ActTailError, match="one sequence"), input_major(loaded.model) as weights:
@@ -221,7 +221,7 @@ def test_measure_decode_reports_speed_and_bytes():
     assert dense.path == "dense-graph" and len(dense.runs) == 2 and dense.tokens_per_s > 0
     with input_major(loaded.model) as weights:
         sparse = measure_decode(loaded, budget, weights=weights, prompt_len=3, new_tokens=4, repeats=2)
-    assert sparse.path == "sparse-gather" and sparse.sparsity == pytest.approx(budget.effective_sparsity)
+    assert sparse.path == "sparse-slice" and sparse.sparsity == pytest.approx(budget.effective_sparsity)
     head = loaded.model.lm_head.weight.numel() * 4
     assert dense.weight_bytes_per_step - head == sum(p.params for p in find_projections(loaded.model)) * 4
     kept = sum(e.keep * e.out_features for e in budget.projections) * 4

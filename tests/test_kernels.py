@@ -18,9 +18,11 @@ import torch
 
 pytest.importorskip("triton", reason="the sparse decode kernels need the triton package")
 
+import triton  # noqa: E402
+
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch  # noqa: E402
-from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig  # noqa: E402
+from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig, sm_count  # noqa: E402
 from acttail_core.kernels.select import (  # noqa: E402
     ACT_MUL,
     MODE_THRESHOLD,
@@ -285,7 +287,9 @@ def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline, pow2_split):
     y = base.clone()
     gemv = GatherGemv(weight.t().contiguous(), [64], [900], 1,
                       GemvConfig(block_n=32, block_k=16, programs_per_sm=10, pipeline=pipeline, pow2_split=pow2_split))
-    assert gemv.split == (8 if pow2_split else 5)  # 10 programs over 2 column tiles
+    # 10 programs per SM over 2 column tiles, but no slice shorter than a block of the 900 kept rows
+    split = min(10 * sm_count(DEVICE) // 2, triton.cdiv(900, 16))
+    assert gemv.split == (triton.next_power_of_2(split) if pow2_split else split) and gemv.split > 1
     gemv(lists, y)
     masked = torch.where(reference_keep(x, 900), x, torch.zeros_like(x))
     torch.testing.assert_close(y, base + masked @ weight.t(), atol=1e-4, rtol=1e-4)
@@ -293,10 +297,9 @@ def test_gather_gemv_adds_to_what_is_there_and_splits_k(pipeline, pow2_split):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("widths,ks", [([130], [40]), ([96, 33, 33], [0, 64, 257]), ([200, 70], [1, 256])])
-@pytest.mark.parametrize("programs_per_sm,pipeline", [(1, False), (32, True)])
-def test_slice_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, widths, ks, programs_per_sm,
-                                                                         pipeline):
-    n_in = 257  # not a multiple of any block; with 32 programs per SM the rows split into slices
+@pytest.mark.parametrize("block_k,pipeline", [(512, False), (16, True)])
+def test_slice_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, widths, ks, block_k, pipeline):
+    n_in = 257  # not a multiple of any block; 16-row blocks split the rows into slices, a 512-row block cannot
     x = torch.randn(1, n_in, device=DEVICE).to(dtype)
     x[0, ::17] = 0.0
     lists = CompactLists(len(ks), 1, 1, dtype, DEVICE)
@@ -304,10 +307,10 @@ def test_slice_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, 
     select_group(prologue=PLAIN, a=x, x_out=x_out, mode=MODE_TOPK, lists=lists, compact=False,
                  params=torch.tensor(ks, dtype=torch.int32, device=DEVICE))
     weight = torch.randn(sum(widths), n_in, device=DEVICE).to(dtype)
-    config = GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm,
+    config = GemvConfig(block_n=32, block_k=block_k, num_warps=4, num_stages=2, programs_per_sm=32,
                         pipeline=pipeline)
     gemv = SliceGemv(weight.t().contiguous(), widths, SliceScratch(dtype, DEVICE), config)
-    assert (gemv.split > 1) == (programs_per_sm > 1)
+    assert (gemv.split > 1) == (block_k < n_in)
     base = torch.randn(1, sum(widths), device=DEVICE)
     y = base.clone()
     gemv(x_out, lists, y)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import ColumnLayout, GemvConfig, _gather_rows, _sm_count, _tile_columns
+from .gather_gemv import ColumnLayout, GemvConfig, _gather_rows, _tile_columns, sm_count
 from .select import ACTIVATIONS, NORM_STYLES, RADIX_PASSES, _cuts, _prologue
 
 _FIELD = tl.constexpr(21)  # bits per projection in the packed prefix sum (ranks up to 2M inputs)
@@ -158,7 +158,7 @@ class FusedGemv:
         self.n_in = wt.shape[0]
         self.layout = ColumnLayout.of(widths, config.block_n)
         self.groups = len(widths)
-        programs = config.programs_per_sm * _sm_count(wt.device)
+        programs = config.programs_per_sm * sm_count(wt.device)
         self.pc = max(1, min(self.layout.total_tiles, programs))
         rows = max(1, programs // self.pc)
         self.pr = triton.next_power_of_2(rows) if rows > 1 else 1

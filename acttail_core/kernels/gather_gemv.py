@@ -165,7 +165,7 @@ class ColumnLayout:
         return cls(tuple((ends + [ends[-1]] * 3)[:3]), tuple((starts[1:] + [never, never])[:2]), sum(tiles))
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter runs programs one after another: fewer, larger programs are faster
@@ -183,7 +183,7 @@ def check_group(wt: torch.Tensor, widths: list[int], config: GemvConfig) -> Colu
 def split_k(config: GemvConfig, tiles: int, rows: int, device: torch.device) -> int:
     """Slices of the rows per column tile: enough programs to keep every SM streaming
     (``programs_per_sm``), but never slices shorter than one block of ``rows``."""
-    programs = config.programs_per_sm * _sm_count(device)
+    programs = config.programs_per_sm * sm_count(device)
     split = max(1, min(programs // max(tiles, 1), triton.cdiv(max(rows, 1), config.block_k)))
     return triton.next_power_of_2(split) if split > 1 and config.pow2_split else split
 
