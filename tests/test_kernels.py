@@ -20,6 +20,7 @@ pytest.importorskip("triton", reason="the sparse decode kernels need the triton 
 
 import triton  # noqa: E402
 
+from acttail_core.kernels import gather_gemv  # noqa: E402
 from acttail_core.kernels.attention import decode_attention  # noqa: E402
 from acttail_core.kernels.fused_gemv import FusedGemv, FusedPrologue, FusedScratch  # noqa: E402
 from acttail_core.kernels.gather_gemv import GatherGemv, GemvConfig, sm_count  # noqa: E402
@@ -321,6 +322,37 @@ def test_slice_gemv_equals_dense_matmul_of_each_projections_masked_input(dtype, 
         got = y[:, start : start + width].double()
         err = (got - expected).norm() / expected.norm()
         assert err < (1e-6 if dtype == torch.float32 else 1e-3), err
+        start += width
+
+
+@pytest.mark.slow  # about 30 s under the interpreter
+@pytest.mark.parametrize("kernel", ["slice", "gather"])
+@pytest.mark.parametrize("n_in,widths,ks", [(4096, [4096, 1024, 1024], [2048, 1900, 2200]), (11008, [4096], [5504])])
+def test_sparse_gemvs_at_7b_shapes_with_the_gpu_split(kernel, n_in, widths, ks, monkeypatch):
+    """Llama-2-7B's q|k|v (GQA-sized k and v) and down projection, with the GPU's tiles and split-K sized for an
+    H100's 132 SMs (16 slices per column tile), in float32: the toy shapes above never split this finely."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(gather_gemv, "sm_count", lambda device: 132)
+    x = torch.randn(1, n_in, device=DEVICE)
+    weight = torch.randn(sum(widths), n_in, device=DEVICE) / n_in**0.5
+    lists = CompactLists(len(ks), 1, n_in, x.dtype, DEVICE)
+    x_out = torch.empty_like(x)
+    select_group(prologue=PLAIN, a=x, x_out=x_out, mode=MODE_TOPK, lists=lists, compact=kernel == "gather",
+                 params=torch.tensor(ks, dtype=torch.int32, device=DEVICE))
+    y = torch.zeros(1, sum(widths), device=DEVICE)
+    if kernel == "slice":
+        gemv = SliceGemv(weight.t().contiguous(), widths, SliceScratch(x.dtype, DEVICE), GemvConfig())
+        gemv(x_out, lists, y)
+    else:
+        gemv = GatherGemv(weight.t().contiguous(), widths, ks, 1, GemvConfig())
+        gemv(lists, y)
+    assert gemv.split >= 8
+    start = 0
+    for width, k in zip(widths, ks):
+        masked = torch.where(reference_keep(x, k), x, torch.zeros_like(x)).double()
+        expected = masked @ weight[start : start + width].double().t()
+        err = (y[:, start : start + width].double() - expected).norm() / expected.norm()
+        assert err < 1e-6, (width, k, err)
         start += width
 
 
