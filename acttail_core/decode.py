@@ -9,10 +9,11 @@ and per decoder layer
     -> GEMV o -> select(residual + norm) -> GEMV gate|up -> select(act(gate) * up) -> GEMV down
 
 captured once as a CUDA graph and replayed for every token. ``select`` is
-``kernels.select.select_group`` (prologue fused with the TopK cut of every projection of the group
-and the compaction of the kept inputs); the sparse GEMV is ``kernels.gather_gemv``, reading only the
-kept rows of weights stored input-channel-major; the dense step uses the same prologues with cuBLAS
-GEMVs on the weights as loaded. Embedding, final norm and LM head stay dense. A batch whose kept
+``kernels.select.select_group`` (prologue fused with the TopK cut of every projection of the group,
+and for a batch the compaction of the kept inputs); the sparse GEMV is ``kernels.slice_gemv`` for one
+sequence (each program compacts its own slice of rows) and ``kernels.gather_gemv`` for a batch,
+both reading only the kept rows of weights stored input-channel-major; the dense step uses the same
+prologues with cuBLAS GEMVs on the weights as loaded. Embedding, final norm and LM head stay dense. A batch whose kept
 inputs together cover nearly every weight row runs the ``masked`` kernel instead: each projection's
 own masked input through cuBLAS (see ``Decoder``).
 
@@ -593,7 +594,7 @@ class DecodeSpeed:
     method: str
     sparsity: float
     batch: int
-    path: str  # "dense-graph", "sparse-fused", "sparse-gather", "sparse-masked" (CUDA-graphed step), "masked"
+    path: str  # "dense-graph", "sparse-" + the kernel (CUDA-graphed step), or "masked"
     tokens_per_s: float  # median over repeats, tokens of all sequences per second
     runs: list[float] = field(default_factory=list)  # tokens/s of every repeat
     weight_bytes_per_step: int = 0  # projection rows the budget keeps + LM head, read once per step
@@ -669,8 +670,7 @@ def measure_decode(
         method=method or ("dense" if budget is None else budget.method),
         sparsity=0.0 if budget is None else float(budget.effective_sparsity),
         batch=batch,
-        path={"dense": "dense-graph", "fused": "sparse-fused", "gather": "sparse-gather",
-              "masked": "sparse-masked", "slice": "sparse-slice"}[kind],
+        path="dense-graph" if kind == "dense" else f"sparse-{kind}",
         tokens_per_s=median,
         runs=runs,
         weight_bytes_per_step=step_bytes,

@@ -149,8 +149,7 @@ FAMILY_MAPS: dict[str, FamilyMap] = {
     **{family: FamilyMap((_ATTENTION | _GATE_UP,), note="q_proj, k_proj, v_proj, o_proj; gate_up_proj split into "
                          "gate, up; down_proj") for family in ("glm", "glm4")},
     "phi3": FamilyMap(
-        ({"self_attn.qkv_proj": _QKV, "self_attn.o_proj": Whole("o"),
-          "mlp.gate_up_proj": Fused(split_gate_up, ("gate", "up")), "mlp.down_proj": Whole("down")},),
+        ({"self_attn.qkv_proj": _QKV, "self_attn.o_proj": Whole("o")} | _GATE_UP,),
         note="qkv_proj split into q, k, v (row slices); o_proj; gate_up_proj split into gate, up; down_proj",
     ),
     "phi": FamilyMap(
